@@ -1,0 +1,7 @@
+"""`python -m kaf ...` is the same as the `kaf` command."""
+
+import sys
+
+from kaf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,348 @@
+"""Checkpoints: one safetensors file holding the weights and, as JSON, everything needed to use them.
+
+The JSON travels in the safetensors header (`__metadata__["kaf"]`), so a checkpoint is a single file that
+can be inspected without loading its tensors. Nothing is ever unpickled: pickle and `torch.save` files can
+run arbitrary code when loaded, so they are recognised and refused before anything reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import kaf
+from kaf.errors import CheckpointError, KafError
+from kaf.models.config import PRESETS, ModelConfig, preset_config
+from kaf.models.unet import KafUNet
+
+FORMAT_VERSION = 1
+METADATA_KEY = "kaf"
+CUSTOM_PRESET = "custom"
+# safetensors files start with the header's length as a little-endian u64, followed by the JSON header.
+LENGTH_BYTES = 8
+PICKLE_MAGIC = b"\x80"  # the PROTO opcode that starts every pickle of protocol 2 or later
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format: a zip archive holding a pickle
+MAX_LISTED_NAMES = 5
+
+# The JSON types each metadata field must have: a hand-edited or damaged file is caught on loading.
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "preset": str,
+    "model": dict,
+    "method": str,
+    "label_names": list,
+    "normalization": (dict, type(None)),
+    "keypoints": dict,
+    "slice_axis": int,
+    "steps": int,
+    "data_fingerprint": str,
+    "package_version": str,
+    "format_version": int,
+    "extra": dict,
+}
+
+
+@dataclass
+class CheckpointMetadata:
+    """What a checkpoint's weights are and how they were made; stored as JSON next to the tensors."""
+
+    preset: str  # "interactive", "paper-acdc", ... or "custom"
+    model: dict  # ModelConfig.to_dict()
+    method: str  # how the weights were made: "random", "finetune", "kaf", "gcl", "pgl", "dense"
+    label_names: list[str]  # one per class, background first
+    normalization: dict | None  # IntensityNormalization.to_dict() of the training image
+    keypoints: dict  # KeypointConfig.to_dict()
+    slice_axis: int = 0
+    steps: int = 0
+    data_fingerprint: str = ""  # fingerprint_arrays() of the training data
+    package_version: str = kaf.__version__
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise KafError when a field has the wrong type or the fields do not fit together."""
+        for name, expected in _FIELD_TYPES.items():
+            if not isinstance(getattr(self, name), expected):
+                raise KafError(f"'{name}' has the wrong type: {getattr(self, name)!r}")
+        if not all(isinstance(name, str) for name in self.label_names):
+            raise KafError(f"label_names must be strings, got {self.label_names!r}")
+        if self.slice_axis not in (0, 1, 2):
+            raise KafError(f"slice_axis must be 0, 1 or 2, got {self.slice_axis}")
+        classes = self.model_config().classes
+        if len(self.label_names) != classes:
+            raise KafError(f"{len(self.label_names)} label names for a model with {classes} classes")
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.model)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=_numpy_to_json)
+
+    @classmethod
+    def from_json(cls, text: str, path: str | Path) -> CheckpointMetadata:
+        """Parse metadata read from the checkpoint at `path` (named in errors)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _damaged(path, f"its metadata is not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise _damaged(path, "its metadata is not a JSON object")
+        # Checked before the keys: a newer format may well have added keys this version does not know.
+        version = data.get("format_version")
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path} was made by a newer KAF Segment (checkpoint format {version}; KAF Segment "
+                f"{kaf.__version__} reads format {FORMAT_VERSION}); upgrade KAF Segment to use it."
+            )
+        known = [f.name for f in fields(cls)]
+        missing = [name for name in known if name not in data]
+        if missing:
+            raise _damaged(path, f"its metadata lacks {', '.join(missing)}")
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise _damaged(path, f"its metadata has unknown entries {', '.join(unknown)}")
+        try:
+            return cls(**data)
+        except (KafError, TypeError, ValueError) as exc:
+            raise _damaged(path, f"its metadata is invalid ({exc})") from exc
+
+
+def _numpy_to_json(value: Any) -> Any:
+    """numpy scalars and arrays (slice indices, spacings) often end up in `extra`: store them as lists."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} cannot be stored in checkpoint metadata: {value!r}")
+
+
+def _damaged(path: str | Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is damaged or is not a KAF Segment checkpoint: {problem}. Copy the checkpoint again, or "
+        "choose another one."
+    )
+
+
+# --- saving and loading ----------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: CheckpointMetadata
+) -> Path:
+    """Write tensors and metadata to `path` atomically: the file is complete, or the old one is untouched."""
+    path = Path(path)
+    metadata.validate()
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
+    # Same folder, so os.replace is a rename within one file system, which is atomic.
+    temporary = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.safetensors.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, temporary, metadata={METADATA_KEY: metadata.to_json()})
+        os.replace(temporary, path)
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(
+            f"Could not write the checkpoint {path} ({exc}); check that the folder is writable and the disk "
+            "has free space."
+        ) from exc
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMetadata]:
+    """The tensors (on the CPU) and metadata of a checkpoint; CheckpointError for anything unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no checkpoint file there; check the path.")
+    _check_container(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as checkpoint:
+            metadata = _read_metadata(checkpoint.metadata(), path)
+            names = checkpoint.keys()
+            tensors = {name: checkpoint.get_tensor(name) for name in names}
+    except SafetensorError as exc:
+        raise _damaged(path, f"safetensors cannot read it ({exc})") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc}); check its permissions.") from exc
+    return tensors, metadata
+
+
+def _check_container(path: Path) -> None:
+    """Refuse pickles and zip archives, and catch truncation, before any parser sees the file."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as file:
+            start = file.read(LENGTH_BYTES + 1)
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc}); check its permissions.") from exc
+    header_end = LENGTH_BYTES + int.from_bytes(start[:LENGTH_BYTES], "little")
+    # A header length may itself begin with byte 0x80, so the magic bytes alone do not prove a pickle.
+    looks_like_safetensors = start[LENGTH_BYTES:] == b"{" and header_end <= size
+    if not looks_like_safetensors and start.startswith((PICKLE_MAGIC, ZIP_MAGIC)):
+        raise CheckpointError(
+            f"{path} is a pickle/PyTorch zip checkpoint; KAF Segment never unpickles files because they can "
+            "run code. Choose a .safetensors checkpoint saved by KAF Segment, or, if you trust the file, "
+            "convert it yourself with safetensors.torch.save_file."
+        )
+    if len(start) <= LENGTH_BYTES or header_end > size:
+        raise CheckpointError(
+            f"{path} is truncated or is not a checkpoint: its {size} bytes do not hold a complete "
+            "safetensors header. Copy the checkpoint again, or choose another file."
+        )
+
+
+def _read_metadata(header: dict[str, str] | None, path: Path) -> CheckpointMetadata:
+    if not header or METADATA_KEY not in header:
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a KAF Segment checkpoint (it has no '{METADATA_KEY}' "
+            "metadata); choose a checkpoint saved by KAF Segment."
+        )
+    return CheckpointMetadata.from_json(header[METADATA_KEY], path)
+
+
+def fingerprint_arrays(*arrays: np.ndarray) -> str:
+    """A short hash of the arrays' shapes, types and values: tells whether two runs saw the same data."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.shape}{array.dtype.str};".encode())
+        # A byte view of the array's memory: hashing it needs no copy of a possibly large volume.
+        digest.update(array.reshape(-1).view(np.uint8))
+    return digest.hexdigest()[:16]
+
+
+def build_model(metadata: CheckpointMetadata) -> KafUNet:
+    return KafUNet(metadata.model_config())
+
+
+# --- putting weights into a model --------------------------------------------------------------------------
+
+
+@dataclass
+class TransferReport:
+    """Which of a model's tensors (parameters and buffers) came from a checkpoint."""
+
+    loaded: list[str]
+    skipped: list[str]  # kept as initialised
+
+    def summary(self) -> str:
+        text = f"loaded {len(self.loaded)} tensors ({', '.join(_groups_of(self.loaded))})"
+        if self.skipped:
+            text += f"; kept {len(self.skipped)} as initialised ({', '.join(_groups_of(self.skipped))})"
+        return text
+
+
+def load_weights(
+    model: KafUNet,
+    state: Mapping[str, torch.Tensor],
+    groups: Sequence[str] | None = None,
+    source: str = "",
+    *,
+    preset: str | None = None,
+) -> TransferReport:
+    """Copy `state` into `model`: everything (groups=None), or only the named parameter groups.
+
+    Strict within what is loaded: every selected tensor must be present with the model's shape, and the
+    checkpoint may hold no extra tensor in those groups; a partly loaded encoder would silently keep random
+    blocks. `source` names the checkpoint and `preset` the preset it was made for, in error messages.
+    """
+    expected = model.state_dict()
+    if groups is not None:
+        _check_group_names(groups, model)
+    selected = [name for name in expected if groups is None or _group(name) in groups]
+    considered = [name for name in state if groups is None or _group(name) in groups]
+    problems = _mismatches(expected, state, selected, considered)
+    if problems:
+        raise CheckpointError(_mismatch_message(problems, source, groups, preset))
+    model.load_state_dict({name: state[name] for name in selected}, strict=groups is None)
+    loaded = set(selected)
+    skipped = [name for name in expected if name not in loaded]
+    return TransferReport(loaded=selected, skipped=skipped)
+
+
+def _group(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def _groups_of(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(_group(name) for name in names))
+
+
+def _check_group_names(groups: Sequence[str], model: KafUNet) -> None:
+    known = list(model.parameter_groups())
+    unknown = [group for group in groups if group not in known]
+    if unknown:
+        raise KafError(f"unknown parameter groups {unknown}; choose from {', '.join(known)}")
+
+
+def _mismatches(
+    expected: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    selected: list[str],
+    considered: list[str],
+) -> list[str]:
+    """One phrase per kind of problem, each naming at most MAX_LISTED_NAMES tensors."""
+    missing = [name for name in selected if name not in state]
+    unexpected = [name for name in considered if name not in expected]
+    reshaped = [
+        f"{name} (checkpoint {list(state[name].shape)}, model {list(expected[name].shape)})"
+        for name in selected
+        if name in state and state[name].shape != expected[name].shape
+    ]
+    problems = []
+    for label, names in (("missing", missing), ("of another shape", reshaped), ("unexpected", unexpected)):
+        if names:
+            problems.append(f"{len(names)} {label}: {_listed(names)}")
+    return problems
+
+
+def _listed(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED_NAMES])
+    hidden = len(names) - MAX_LISTED_NAMES
+    return f"{shown} and {hidden} more" if hidden > 0 else shown
+
+
+def _mismatch_message(
+    problems: list[str], source: str, groups: Sequence[str] | None, preset: str | None
+) -> str:
+    what = "weights" if groups is None else f"{', '.join(groups)} weights"
+    advice = (
+        f"choose preset '{preset}', which it was made for" if preset else "choose the preset it was made for"
+    )
+    return (
+        f"The {what} in {source or 'the checkpoint'} do not fit this model ({'; '.join(problems)}). The "
+        f"checkpoint was made for another model configuration (size, attention blocks or classes): {advice}."
+    )
+
+
+def check_compatible(metadata: CheckpointMetadata, preset: str | None, path: str | Path) -> None:
+    """Refuse a checkpoint whose model differs from the chosen preset's in anything but the classes."""
+    if preset is None or preset == CUSTOM_PRESET:
+        return
+    actual = metadata.model_config()
+    wanted = preset_config(preset, classes=actual.classes)
+    differences = [
+        f"{f.name} {getattr(actual, f.name)} instead of {getattr(wanted, f.name)}"
+        for f in fields(ModelConfig)
+        if getattr(actual, f.name) != getattr(wanted, f.name)
+    ]
+    if not differences:
+        return
+    made_for = f"preset '{metadata.preset}'" if metadata.preset in PRESETS else "a custom model"
+    if metadata.preset == preset:
+        made_for = f"an earlier definition of preset '{preset}'"
+    raise CheckpointError(
+        f"{path} was made for {made_for}, not '{preset}' (it has {', '.join(differences)}); choose the "
+        "preset it was made for, or 'custom' to use the checkpoint's own settings."
+    )

@@ -1,0 +1,234 @@
+"""`kaf`: the command-line front-end. Every sub-command drives a core job and prints its progress as a
+bar or as JSON lines (`--progress jsonl`, read by the Slicer module). A KafError becomes a one-paragraph
+message and exit code 2; a Stop (Ctrl+C or SIGTERM) exits with 130 and writes nothing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from kaf import __version__
+from kaf.errors import JobCancelled, KafError
+from kaf.jobs.events import CancelToken, Job, ProgressEvent, drive
+from kaf.models import PRESETS
+
+EXIT_USER_ERROR = 2
+EXIT_CANCELLED = 130
+
+
+class ProgressPrinter:
+    """Shows job events as a tqdm bar per stage, or as one JSON object per line on stdout."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.bar = None
+        self.stage = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if self.mode == "jsonl":
+            print(event.to_json(), flush=True)
+            return
+        if self.mode == "none":
+            return
+        from tqdm import tqdm
+
+        if event.stage != self.stage:
+            self.close()
+            self.stage = event.stage
+            self.bar = tqdm(total=event.total, desc=event.stage, unit="step", file=sys.stderr)
+        self.bar.total = event.total
+        self.bar.n = event.step
+        if event.loss is not None:
+            self.bar.set_postfix(loss=f"{event.loss:.4f}")
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def result(self, payload: dict) -> None:
+        """The last line: what was done and where the outputs are."""
+        self.close()
+        if self.mode == "jsonl":
+            print(json.dumps({"event": "result", **payload}), flush=True)
+        else:
+            for key, value in payload.items():
+                print(f"{key}: {value}")
+
+
+def run(job: Job, printer: ProgressPrinter):
+    try:
+        return drive(job, printer)
+    finally:
+        printer.close()
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
+    )
+    parser.add_argument(
+        "--progress",
+        choices=["bar", "jsonl", "none"],
+        default="bar",
+        help="bar: a progress bar on stderr; jsonl: one JSON event per line on stdout (for other programs)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kaf", description="KAF Segment: few-slice 3D segmentation with keypoint-augmented fusion."
+    )
+    parser.add_argument("--version", action="version", version=f"kaf {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a KAF model on the annotated slices of one volume"
+    )
+    finetune.add_argument(
+        "--image", required=True, help="image volume: .nii, .nii.gz, .nrrd or a DICOM series folder"
+    )
+    finetune.add_argument(
+        "--labels", required=True, help="sparse label volume on the image grid (0 = background)"
+    )
+    finetune.add_argument(
+        "--out", required=True, help="where to write the fine-tuned checkpoint (.safetensors)"
+    )
+    finetune.add_argument(
+        "--checkpoint",
+        help="pretrained or earlier fine-tuned checkpoint to start from (default: random init)",
+    )
+    finetune.add_argument(
+        "--preset", default="interactive", choices=list(PRESETS), help="model size (default: interactive)"
+    )
+    finetune.add_argument("--steps", type=int, default=None, help="optimiser steps (default 150)")
+    finetune.add_argument(
+        "--time-budget", type=float, default=None, help="stop after this many seconds of training"
+    )
+    finetune.add_argument("--batch-size", type=int, default=None, help="slices per step (default 8)")
+    finetune.add_argument(
+        "--crop-size", type=int, default=None, help="training crop side, multiple of 16 (default 128)"
+    )
+    finetune.add_argument(
+        "--learning-rate", type=float, default=None, help="initial Adam learning rate (default 1e-3)"
+    )
+    finetune.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed: the same seed gives the same model on the same device",
+    )
+    finetune.add_argument(
+        "--slice-axis",
+        type=int,
+        default=0,
+        choices=[0, 1, 2],
+        help="0 = axial (z), 1 = coronal (y), 2 = sagittal (x)",
+    )
+    finetune.add_argument(
+        "--annotated-slices",
+        default="",
+        help="comma-separated slices that count as annotated even if all background",
+    )
+    finetune.add_argument(
+        "--modality", default="auto", choices=["auto", "mri", "ct"], help="intensity normalisation recipe"
+    )
+    finetune.add_argument(
+        "--max-side", type=int, default=None, help="downscale slices whose longer side exceeds this"
+    )
+    finetune.add_argument("--label-names", default="", help="comma-separated class names, background first")
+    finetune.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    add_common(finetune)
+
+    predict = commands.add_parser(
+        "predict", help="segment every slice of a volume with a fine-tuned checkpoint"
+    )
+    predict.add_argument("--image", required=True, help="image volume to segment")
+    predict.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint (.safetensors)")
+    predict.add_argument(
+        "--out", required=True, help="segmentation to write (.nii.gz, .nii or .nrrd), same grid as the image"
+    )
+    predict.add_argument("--probabilities", help="also write class probabilities (4D: classes last) here")
+    predict.add_argument(
+        "--uncertainty", help="also write the normalised entropy (0 = certain, 1 = uniform) here"
+    )
+    predict.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
+    predict.add_argument("--force", action="store_true", help="overwrite outputs that exist")
+    add_common(predict)
+
+    explain = commands.add_parser("explain", help="keypoints of a slice and their attention maps, as files")
+    explain.add_argument("--image", required=True, help="image volume")
+    explain.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint")
+    explain.add_argument(
+        "--slice", type=int, required=True, help="slice index along the checkpoint's slice axis"
+    )
+    explain.add_argument(
+        "--keypoint",
+        type=int,
+        default=None,
+        help="keypoint whose attention is drawn (default: the strongest, 0)",
+    )
+    explain.add_argument(
+        "--out", required=True, help="folder for keypoints.csv, attention maps (.nii.gz) and figure.png"
+    )
+    add_common(explain)
+
+    demo = commands.add_parser(
+        "demo", help="the whole loop on a real MRI (MNI152 template shipped with nilearn)"
+    )
+    demo.add_argument("--image", help="use this volume instead of the embedded MNI152 template")
+    demo.add_argument("--labels", help="reference labels of --image, used to annotate 2 slices and to score")
+    demo.add_argument("--out", default="kaf-demo-output", help="output folder (default: ./kaf-demo-output)")
+    demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 150)")
+    demo.add_argument("--checkpoint", help="start from this checkpoint instead of the default")
+    demo.add_argument(
+        "--no-viewer", action="store_true", help="do not open napari even when a display is available"
+    )
+    add_common(demo)
+    return parser
+
+
+def handle_signals(cancel: CancelToken) -> None:
+    """SIGTERM (Slicer's Stop, `kill`) cancels the job at its next step, like Ctrl+C."""
+
+    def stop(signum, frame):
+        cancel.cancel()
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cancel = CancelToken()
+    handle_signals(cancel)
+    printer = ProgressPrinter(args.progress)
+    from kaf import commands  # heavy imports (torch, monai) only after argument parsing
+
+    command: Callable = getattr(commands, args.command)
+    started = time.perf_counter()
+    try:
+        payload = command(args, printer, cancel, run)
+    except KeyboardInterrupt:
+        printer.close()
+        print("kaf: stopped by the user; nothing was written", file=sys.stderr)
+        return EXIT_CANCELLED
+    except JobCancelled as error:
+        printer.close()
+        print(f"kaf: {error}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except KafError as error:
+        printer.close()
+        print(f"kaf {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    payload["seconds"] = round(time.perf_counter() - started, 1)
+    printer.result(payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

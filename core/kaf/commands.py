@@ -1,0 +1,226 @@
+"""The bodies of the `kaf` sub-commands: arguments in, a job run, files out, a summary returned.
+
+Each takes (args, printer, cancel, run) and returns a dict summary that the CLI prints last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from kaf.annotation import sparse_annotation
+from kaf.atomic import refuse_overwrite, replace_atomically
+from kaf.checkpoints import save_checkpoint
+from kaf.devices import cpu_warning, resolve_device
+from kaf.errors import InputDataError
+from kaf.figures import attention_figure
+from kaf.jobs.explain import explain as explain_job
+from kaf.jobs.finetune import FinetuneSettings
+from kaf.jobs.finetune import finetune as finetune_job
+from kaf.jobs.predict import predict as predict_job
+from kaf.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
+from kaf.slices import take_slices
+from kaf.volume_io import Volume, read_labels, read_volume, write_class_maps, write_labels, write_volume
+from kaf.workflow import (
+    load_finetuned_model,
+    load_initialisation,
+    prepare_for_inference,
+    prepare_for_training,
+    read_annotation,
+)
+
+
+def _settings(args) -> FinetuneSettings:
+    chosen = {
+        "steps": args.steps,
+        "time_budget": getattr(args, "time_budget", None),
+        "batch_size": getattr(args, "batch_size", None),
+        "crop_size": getattr(args, "crop_size", None),
+        "learning_rate": getattr(args, "learning_rate", None),
+    }
+    return replace(
+        FinetuneSettings(
+            preset=getattr(args, "preset", "interactive"), seed=getattr(args, "seed", 0), device=args.device
+        ),
+        **{k: v for k, v in chosen.items() if v is not None},
+    )
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise InputDataError(f"{what} must be comma-separated integers, got '{text}'") from error
+
+
+def _warn_on_cpu(device_name: str) -> None:
+    warning = cpu_warning(resolve_device(device_name))
+    if warning:
+        print(f"kaf: {warning}", flush=True, file=__import__("sys").stderr)
+
+
+def finetune(args, printer, cancel, run) -> dict:
+    refuse_overwrite([args.out], args.force)
+    settings = _settings(args)
+    _warn_on_cpu(args.device)
+    image = read_volume(args.image)
+    annotation = read_annotation(
+        args.labels, image, args.slice_axis, _int_list(args.annotated_slices, "--annotated-slices")
+    )
+    init = load_initialisation(args.checkpoint, args.preset) if args.checkpoint else None
+    names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
+    if names is not None and len(names) != annotation.classes:
+        raise InputDataError(
+            f"--label-names gives {len(names)} names but the labels have {annotation.classes} classes"
+        )
+    prepared = prepare_for_training(image, settings.preset, args.slice_axis, args.modality, args.max_side)
+    result = run(finetune_job(prepared, annotation, settings, init, names, cancel), printer)
+    save_checkpoint(args.out, result.model.state_dict(), result.metadata)
+    summary = {
+        "checkpoint": str(args.out),
+        "annotated_slices": list(annotation.annotated),
+        "steps": len(result.losses),
+        "final_loss": round(result.losses[-1], 4),
+        "training_seconds": round(result.seconds, 1),
+    }
+    if result.transfer is not None:
+        summary["initialised_from"] = f"{args.checkpoint}: {result.transfer.summary()}"
+    return summary
+
+
+def _write_prediction(prediction, image: Volume, out, probabilities, uncertainty) -> None:
+    write_labels(prediction.labels, image, out)
+    if probabilities:
+        write_class_maps(prediction.probabilities, image.affine, probabilities)
+    if uncertainty:
+        write_volume(prediction.uncertainty(), image.affine, uncertainty)
+
+
+def predict(args, printer, cancel, run) -> dict:
+    refuse_overwrite([args.out, args.probabilities, args.uncertainty], args.force)
+    image = read_volume(args.image)
+    model, metadata = load_finetuned_model(args.checkpoint)
+    prepared = prepare_for_inference(image, metadata)
+    prediction = run(predict_job(model, prepared, args.device, args.batch_size, cancel), printer)
+    _write_prediction(prediction, image, args.out, args.probabilities, args.uncertainty)
+    counts = np.bincount(prediction.labels.ravel(), minlength=len(metadata.label_names))
+    return {
+        "segmentation": str(args.out),
+        "voxels_per_label": dict(zip(metadata.label_names, counts.tolist(), strict=False)),
+        **({"probabilities": str(args.probabilities)} if args.probabilities else {}),
+        **({"uncertainty": str(args.uncertainty)} if args.uncertainty else {}),
+    }
+
+
+def _write_explanation(explanation, keypoint: int, image: Volume, out: Path, segmentation=None) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    with replace_atomically(out / "keypoints.csv") as temporary:
+        rows = ["index,row,col,score"] + [
+            f"{i},{r:.2f},{c:.2f},{s:.5f}"
+            for i, ((r, c), s) in enumerate(zip(explanation.keypoints, explanation.scores, strict=True))
+        ]
+        temporary.write_text("\n".join(rows) + "\n")
+    written = [str(out / "keypoints.csv")]
+    slice_affine = _single_slice_affine(
+        image.affine, explanation.prepared.slice_axis, explanation.slice_index
+    )
+    for level in explanation.levels:
+        maps = np.stack([explanation.attention_map(level, h, keypoint) for h in range(explanation.heads)])
+        path = out / f"attention_level{level}.nii.gz"
+        write_class_maps(_as_slice_volume(maps, explanation.prepared.slice_axis), slice_affine, path)
+        written.append(str(path))
+    written.append(str(attention_figure(explanation, keypoint, out / "attention.png", segmentation)))
+    return written
+
+
+def _as_slice_volume(maps_hw: np.ndarray, slice_axis: int) -> np.ndarray:
+    """[heads, H, W] maps of one slice -> [heads, z, y, x] with a length-1 slice axis."""
+    return np.expand_dims(maps_hw, 1 + slice_axis)
+
+
+def _single_slice_affine(affine: np.ndarray, slice_axis: int, index: int) -> np.ndarray:
+    """Affine of the one-slice volume at `index`: the voxel origin moves along the slice axis."""
+    shifted = affine.copy()
+    column = 2 - slice_axis  # (z, y, x) axis -> affine column (i = x, j = y, k = z)
+    shifted[:3, 3] += affine[:3, column] * index
+    return shifted
+
+
+def explain(args, printer, cancel, run) -> dict:
+    image = read_volume(args.image)
+    model, metadata = load_finetuned_model(args.checkpoint)
+    prepared = prepare_for_inference(image, metadata)
+    explanation = run(explain_job(model, prepared, args.slice, args.device), printer)
+    keypoint = args.keypoint or 0
+    written = _write_explanation(explanation, keypoint, image, Path(args.out))
+    return {
+        "slice": args.slice,
+        "keypoints": len(explanation.keypoints),
+        "keypoint_shown": keypoint,
+        "files": written,
+    }
+
+
+def demo(args, printer, cancel, run) -> dict:
+    """The whole annotator's loop on one volume, scored against its reference labels."""
+    from kaf.sample_data import mni152_with_tissue_labels
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.image:
+        if not args.labels:
+            raise InputDataError(
+                "--image needs --labels: the demo annotates two slices from the reference labels"
+            )
+        image = read_volume(args.image)
+        reference = read_labels(args.labels, image)
+        names = None
+    else:
+        image, reference, names = mni152_with_tissue_labels()
+    classes = int(reference.max()) + 1
+    extent = np.flatnonzero(take_slices(reference, 0).reshape(reference.shape[0], -1).any(1))
+    annotated = spread_slices(reference, 2, min_gap=max(2, len(extent) // 4))
+    sparse = np.zeros_like(reference)
+    sparse[annotated] = reference[annotated]
+    annotation = sparse_annotation(sparse, 0, annotated, classes)
+    settings = _settings(args)
+    _warn_on_cpu(args.device)
+    init = load_initialisation(args.checkpoint, settings.preset) if args.checkpoint else None
+    prepared = prepare_for_training(image, settings.preset)
+    result = run(finetune_job(prepared, annotation, settings, init, names, cancel), printer)
+    prediction = run(predict_job(result.model, prepared, args.device, 4, cancel), printer)
+    mean_dice, per_class = dice_on_unannotated(prediction.labels, reference, annotated, classes)
+    copy_dice, _ = dice_on_unannotated(
+        copy_nearest_annotated(reference, annotated), reference, annotated, classes
+    )
+
+    checkpoint = save_checkpoint(out / "model.safetensors", result.model.state_dict(), result.metadata)
+    write_labels(reference, image, out / "reference.nii.gz")
+    write_volume(image.array.astype(np.float32), image.affine, out / "image.nii.gz")
+    write_labels(sparse, image, out / "annotation.nii.gz")
+    _write_prediction(prediction, image, out / "segmentation.nii.gz", None, out / "uncertainty.nii.gz")
+    middle = annotated[0] + (annotated[1] - annotated[0]) // 2  # an unannotated slice between the two
+    explanation = run(explain_job(result.model, prepared, middle, args.device), printer)
+    figure_files = _write_explanation(explanation, 0, image, out / "explain", prediction.labels[middle])
+    summary = {
+        "image": str(args.image or "MNI152 2009 T1 template, 2 mm (nilearn)"),
+        "annotated_slices": annotated,
+        "mean_dice_unannotated": round(mean_dice, 4),
+        "dice_per_class": dict(
+            zip(result.metadata.label_names[1:], np.round(per_class, 4).tolist(), strict=True)
+        ),
+        "copy_nearest_slice_dice": round(copy_dice, 4),
+        "training_seconds": round(result.seconds, 1),
+        "checkpoint": str(checkpoint),
+        "segmentation": str(out / "segmentation.nii.gz"),
+        "figure": figure_files[-1],
+    }
+    with replace_atomically(out / "summary.json") as temporary:
+        temporary.write_text(json.dumps(summary, indent=2))
+    if not args.no_viewer and os.environ.get("DISPLAY"):
+        summary["viewer"] = "napari plugin not installed yet; open the files above in any NIfTI viewer"
+    return summary

@@ -1,0 +1,1 @@
+"""Long-running jobs (fine-tune, predict, explain) as generators of progress events."""

@@ -1,0 +1,187 @@
+"""Few-slice fine-tuning: train a KAF UNet on the annotated slices of one volume."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+
+from kaf.annotation import SparseAnnotation
+from kaf.augment import AugmentationSettings, augment_batch
+from kaf.checkpoints import CheckpointMetadata, TransferReport, fingerprint_arrays, load_weights
+from kaf.devices import autocast, grad_scaler, is_out_of_memory, out_of_memory_error, resolve_device
+from kaf.errors import InputDataError
+from kaf.jobs.events import CancelToken, Job, StageClock
+from kaf.models import KafUNet, ModelConfig, preset_config
+from kaf.preparation import PreparedVolume
+from kaf.slices import take_slices
+
+PRETRAINED_GROUPS = ("encoder", "bottleneck")  # what the paper transfers from pretraining (METHODS.md A.5)
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    preset: str = "interactive"
+    steps: int = 150
+    time_budget: float | None = None  # seconds; training stops at whichever of steps / time comes first
+    batch_size: int = 8
+    crop_size: int = 128  # training crops; inference runs on whole slices
+    learning_rate: float = 1e-3
+    final_learning_rate: float = 1e-4  # cosine per step down to this floor
+    weight_decay: float = 1e-5
+    seed: int = 0
+    device: str = "auto"
+    augmentation: AugmentationSettings = field(default_factory=AugmentationSettings)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "crop_size"):
+            if getattr(self, name) < 1:
+                raise InputDataError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.crop_size % 16:
+            raise InputDataError(f"crop_size must be a multiple of 16, got {self.crop_size}")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise InputDataError(f"the time budget must be positive, got {self.time_budget} s")
+
+
+@dataclass
+class Initialisation:
+    """Weights to start from: a checkpoint's tensors and metadata."""
+
+    state: dict[str, torch.Tensor]
+    metadata: CheckpointMetadata
+    source: str
+
+
+@dataclass
+class FinetuneResult:
+    model: KafUNet  # on the CPU, in eval mode
+    metadata: CheckpointMetadata
+    losses: list[float]
+    transfer: TransferReport | None
+    seconds: float
+
+
+def cosine_learning_rate(step: int, total: int, start: float, floor: float) -> float:
+    """lr_t = floor + (start - floor) * (1 + cos(pi t / T)) / 2 (METHODS.md A.6)."""
+    return floor + 0.5 * (start - floor) * (1 + np.cos(np.pi * step / total))
+
+
+def build_model(config: ModelConfig, init: Initialisation | None) -> tuple[KafUNet, TransferReport | None]:
+    """A fresh model, then the whole checkpoint when it is a fine-tuned model of the same shape, or the
+    pretrained encoder otherwise."""
+    model = KafUNet(config)
+    if init is None:
+        return model, None
+    same_model = init.metadata.model_config() == config
+    groups = None if same_model and init.metadata.method == "finetune" else PRETRAINED_GROUPS
+    return model, load_weights(model, init.state, groups, source=init.source)
+
+
+def finetune(
+    prepared: PreparedVolume,
+    annotation: SparseAnnotation,
+    settings: FinetuneSettings,
+    init: Initialisation | None = None,
+    label_names: list[str] | None = None,
+    cancel: CancelToken | None = None,
+) -> Job[FinetuneResult]:
+    cancel = cancel or CancelToken()
+    clock = StageClock()
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    config = preset_config(settings.preset, classes=annotation.classes)
+    if init is not None and settings.preset == "custom":
+        config = init.metadata.model_config().with_classes(annotation.classes)
+    device = resolve_device(settings.device)
+
+    indices = list(annotation.annotated)
+    yield clock.event("prepare", 0, len(indices), message=f"detecting keypoints on {len(indices)} slices")
+    images = prepared.model_images(indices)
+    labels = prepared.layout.to_model(
+        torch.from_numpy(take_slices(annotation.labels, annotation.slice_axis)[indices]).unsqueeze(1).float(),
+        mode="nearest",
+    )[:, 0].long()
+    keypoints = prepared.keypoint_batch(indices)
+    yield clock.event("prepare", len(indices), len(indices), message="keypoints ready")
+
+    model, transfer = build_model(config, init)
+    model.to(device).train()
+    optimiser = torch.optim.Adam(
+        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
+    scaler = grad_scaler(device)
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    crop = tuple(min(settings.crop_size, side) for side in images.shape[-2:])
+    losses: list[float] = []
+    clock.start_stage()
+    started = time.perf_counter()
+    for step in range(1, settings.steps + 1):
+        cancel.raise_if_cancelled("fine-tuning")
+        pick = torch.randint(0, len(indices), (settings.batch_size,), generator=generator)
+        batch = augment_batch(
+            images[pick],
+            labels[pick],
+            keypoints.coords[pick],
+            keypoints.mask[pick],
+            crop,
+            settings.augmentation,
+            generator,
+        )
+        for group in optimiser.param_groups:
+            group["lr"] = cosine_learning_rate(
+                step - 1, settings.steps, settings.learning_rate, settings.final_learning_rate
+            )
+        try:
+            with autocast(device):
+                logits = model(
+                    batch.images.to(device), batch.keypoints.to(device), batch.keypoint_mask.to(device)
+                ).logits
+                loss = loss_function(logits.float(), batch.labels[:, None].to(device))
+            optimiser.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+        except RuntimeError as error:
+            if is_out_of_memory(error):
+                raise out_of_memory_error(device, "fine-tuning") from error
+            raise
+        value = float(loss.detach())
+        if not np.isfinite(value):
+            raise InputDataError(
+                f"the loss became {value} at step {step}: "
+                "lower the learning rate or check the image intensities"
+            )
+        losses.append(value)
+        yield clock.event("finetune", step, settings.steps, value)
+        if settings.time_budget is not None and time.perf_counter() - started >= settings.time_budget:
+            yield clock.event(
+                "finetune", step, step, value, message=f"time budget of {settings.time_budget:g} s reached"
+            )
+            break
+
+    model.cpu().eval()
+    metadata = CheckpointMetadata(
+        preset=settings.preset,
+        model=config.to_dict(),
+        method="finetune",
+        label_names=label_names or default_label_names(annotation.classes),
+        normalization=prepared.normalization.to_dict(),
+        keypoints=prepared.keypoint_config.to_dict(),
+        slice_axis=annotation.slice_axis,
+        steps=len(losses),
+        data_fingerprint=fingerprint_arrays(prepared.slices, annotation.labels),
+        extra={
+            "annotated_slices": indices,
+            "finetune": asdict(settings),
+            "pretrained_from": init.metadata.method if init else "random",
+            "scale": prepared.layout.scale,
+        },
+    )
+    return FinetuneResult(model, metadata, losses, transfer, time.perf_counter() - started)
+
+
+def default_label_names(classes: int) -> list[str]:
+    return ["background", *(f"label {i}" for i in range(1, classes))]

@@ -1,0 +1,67 @@
+"""Whole-volume prediction: every slice through the model, results back on the original grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kaf.devices import autocast, is_out_of_memory, out_of_memory_error, resolve_device
+from kaf.jobs.events import CancelToken, Job, StageClock
+from kaf.models import KafUNet
+from kaf.preparation import PreparedVolume
+from kaf.slices import put_slices
+
+
+@dataclass
+class Prediction:
+    probabilities: np.ndarray  # (classes, z, y, x) float32, summing to 1 over classes
+    labels: np.ndarray  # (z, y, x) uint8 (uint16 beyond 255 classes)
+
+    def uncertainty(self) -> np.ndarray:
+        """Normalised entropy per voxel in [0, 1]: 0 = certain, 1 = uniform over classes."""
+        p = np.clip(self.probabilities, 1e-8, 1.0)
+        return (-(p * np.log(p)).sum(0) / np.log(p.shape[0])).astype(np.float32)
+
+
+def predict_slices(
+    model: KafUNet, prepared: PreparedVolume, indices: list[int], device: torch.device
+) -> torch.Tensor:
+    """Softmax probabilities [K, C, H, W] on the original slice grid for the given slices."""
+    images = prepared.model_images(indices).to(device)
+    keypoints = prepared.keypoint_batch(indices).to(device)
+    with torch.no_grad(), autocast(device):
+        logits = model(images, keypoints.coords, keypoints.mask).logits
+    return prepared.layout.from_model(logits.float().softmax(1).cpu())
+
+
+def predict(
+    model: KafUNet,
+    prepared: PreparedVolume,
+    device: str | torch.device = "auto",
+    batch_size: int = 4,
+    cancel: CancelToken | None = None,
+) -> Job[Prediction]:
+    cancel = cancel or CancelToken()
+    device = resolve_device(device) if isinstance(device, str) else device
+    clock = StageClock()
+    model.to(device).eval()
+    total = prepared.slice_count
+    height, width = prepared.layout.slice_shape
+    probabilities = np.empty((model.config.classes, total, height, width), dtype=np.float32)
+    for start in range(0, total, batch_size):
+        cancel.raise_if_cancelled("prediction")
+        indices = list(range(start, min(start + batch_size, total)))
+        try:
+            probabilities[:, indices] = (
+                predict_slices(model, prepared, indices, device).numpy().transpose(1, 0, 2, 3)
+            )
+        except RuntimeError as error:
+            if is_out_of_memory(error):
+                raise out_of_memory_error(device, "predicting") from error
+            raise
+        yield clock.event("predict", indices[-1] + 1, total)
+    probabilities = put_slices(probabilities, prepared.slice_axis)
+    label_dtype = np.uint8 if model.config.classes <= 256 else np.uint16
+    return Prediction(np.ascontiguousarray(probabilities), probabilities.argmax(0).astype(label_dtype))

@@ -1,0 +1,121 @@
+"""Model configuration and the named presets (METHODS.md A.1)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from kaf.errors import KafError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a KAF UNet; stored verbatim in every checkpoint."""
+
+    base_width: int = 16  # f: level l has f * 2**(l-1) CNN channels
+    token_dim: int = 128  # d: width of the keypoint tokens and attention
+    attention_heads: int = 4
+    attention_blocks: int = 2  # self-attention blocks per KAF layer ("#T" in the paper counts pairs)
+    kaf_levels: tuple[int, ...] = (1, 2, 3, 4)  # encoder levels that carry a KAF layer
+    # "kaf": every level outputs 2C channels; a level without a KAF layer fills its second half with
+    # zeros (with kaf_levels=() this is the paper's UNet(c2): 27,911,328 parameters at f=32, 8 classes).
+    # "plain": levels output C channels and carry no KAF layer: the paper's UNet(c1).
+    layout: str = "kaf"
+    in_channels: int = 1
+    classes: int = 2
+    max_keypoints: int = 256
+    input_size: int = 256  # side of training crops; any multiple of 16 works at inference
+
+    def __post_init__(self) -> None:
+        if self.token_dim % self.attention_heads:
+            raise KafError(f"token_dim {self.token_dim} is not divisible by {self.attention_heads} heads")
+        if not set(self.kaf_levels) <= {1, 2, 3, 4}:
+            raise KafError(f"kaf_levels must be a subset of 1..4, got {self.kaf_levels}")
+        if self.layout not in ("kaf", "plain"):
+            raise KafError(f"layout must be 'kaf' or 'plain', got '{self.layout}'")
+        if self.layout == "plain" and self.kaf_levels:
+            raise KafError("the 'plain' layout has no KAF layers: set kaf_levels=()")
+        if self.classes < 2:
+            raise KafError(
+                f"a segmentation model needs at least 2 classes (background + one), got {self.classes}"
+            )
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["kaf_levels"] = list(self.kaf_levels)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise KafError(f"unknown model settings {sorted(unknown)}")
+        values = dict(values)
+        if "kaf_levels" in values:
+            values["kaf_levels"] = tuple(values["kaf_levels"])
+        return cls(**values)
+
+    def with_classes(self, classes: int) -> ModelConfig:
+        return replace(self, classes=classes)
+
+    def without_kaf(self) -> ModelConfig:
+        """The same layout with the KAF branches replaced by zeros: the paper's UNet(c2)."""
+        return replace(self, kaf_levels=())
+
+    def plain_unet(self) -> ModelConfig:
+        """The plain PCL UNet at this width, with no KAF layer: the paper's UNet(c1)."""
+        return replace(self, kaf_levels=(), layout="plain")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    config: ModelConfig
+    description: str
+    reference_parameters: int | None = field(default=None)  # the paper's reported total, when there is one
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            "interactive",
+            ModelConfig(),
+            "Small and fast, for napari and Slicer: f=16, d=128, 2 attention blocks, 256 keypoints.",
+        ),
+        Preset(
+            "paper-acdc",
+            ModelConfig(
+                base_width=48,
+                token_dim=256,
+                attention_blocks=16,
+                classes=4,
+                max_keypoints=512,
+                input_size=352,
+            ),
+            "The KAF paper's ACDC model: f=48, d=256, 16 attention blocks, 4 classes, 352 x 352 slices.",
+            reference_parameters=106_809_796,
+        ),
+        Preset(
+            "paper-chd",
+            ModelConfig(
+                base_width=32,
+                token_dim=256,
+                attention_blocks=16,
+                classes=8,
+                max_keypoints=512,
+                input_size=512,
+            ),
+            "The KAF paper's CHD model: f=32, d=256, 16 attention blocks, 8 classes, 512 x 512 slices.",
+            reference_parameters=71_730_436,
+        ),
+    )
+}
+
+
+def preset_config(name: str, classes: int | None = None) -> ModelConfig:
+    """The configuration of a named preset, optionally with another number of classes."""
+    if name not in PRESETS:
+        raise KafError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+    config = PRESETS[name].config
+    return config if classes is None else config.with_classes(classes)

@@ -1,0 +1,75 @@
+"""The steps every front-end chains together: read files, prepare, fine-tune, predict, explain.
+
+These functions turn file paths and checkpoints into the objects the jobs take, so the CLI, napari
+and Slicer share one way of doing it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kaf.annotation import SparseAnnotation, sparse_annotation
+from kaf.checkpoints import CheckpointMetadata, check_compatible, load_checkpoint, load_weights
+from kaf.checkpoints import build_model as model_from_metadata
+from kaf.intensity import IntensityNormalization, fit_normalization
+from kaf.jobs.finetune import Initialisation
+from kaf.keypoints import KeypointConfig
+from kaf.models import KafUNet, preset_config
+from kaf.preparation import PreparedVolume
+from kaf.slices import scale_for_max_side
+from kaf.volume_io import Volume, read_labels, read_volume
+
+
+def prepare_for_training(
+    volume: Volume, preset: str, slice_axis: int = 0, modality: str = "auto", max_side: int | None = None
+) -> PreparedVolume:
+    normalization = fit_normalization(volume.array, modality, source=str(volume.source or "image"))
+    keypoints = KeypointConfig(max_keypoints=preset_config(preset).max_keypoints)
+    shape = np.moveaxis(volume.array, slice_axis, 0).shape[1:]
+    return PreparedVolume.from_array(
+        volume.array, normalization, keypoints, slice_axis, scale_for_max_side(shape, max_side)
+    )
+
+
+def prepare_for_inference(volume: Volume, metadata: CheckpointMetadata) -> PreparedVolume:
+    """The checkpoint's recipe replayed on a new volume: same modality and clip window, statistics of
+    this volume (the per-volume z-score of METHODS.md A.6), same keypoints, slice axis and scale."""
+    recorded = IntensityNormalization.from_dict(metadata.normalization) if metadata.normalization else None
+    modality = recorded.modality if recorded else "auto"
+    window = (recorded.clip_low, recorded.clip_high) if recorded and recorded.clip_low is not None else None
+    normalization = fit_normalization(
+        volume.array, modality, ct_window=window, source=str(volume.source or "image")
+    )
+    return PreparedVolume.from_array(
+        volume.array,
+        normalization,
+        KeypointConfig.from_dict(metadata.keypoints),
+        metadata.slice_axis,
+        float(metadata.extra.get("scale", 1.0)),
+    )
+
+
+def read_annotation(
+    labels_path: str | Path, image: Volume, slice_axis: int = 0, explicit_slices: tuple[int, ...] = ()
+) -> SparseAnnotation:
+    labels = read_labels(labels_path, image)
+    return sparse_annotation(labels, slice_axis, explicit_slices, source=str(labels_path))
+
+
+def load_initialisation(path: str | Path, preset: str | None) -> Initialisation:
+    state, metadata = load_checkpoint(path)
+    check_compatible(metadata, preset, path)
+    return Initialisation(state, metadata, str(path))
+
+
+def load_finetuned_model(path: str | Path) -> tuple[KafUNet, CheckpointMetadata]:
+    state, metadata = load_checkpoint(path)
+    model = model_from_metadata(metadata)
+    load_weights(model, state, None, source=str(path))
+    return model.eval(), metadata
+
+
+def open_image(path: str | Path) -> Volume:
+    return read_volume(path)

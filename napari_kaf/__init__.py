@@ -1,0 +1,1 @@
+"""napari plugin for KAF Segment (widgets arrive with the napari issue)."""
