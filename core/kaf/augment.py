@@ -17,7 +17,7 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class AugmentationSettings:
     rotation_degrees: float = 15.0
-    scale_range: tuple[float, float] = (0.85, 1.2)
+    scale_range: tuple[float, float] = (0.7, 1.3)  # wide: structures shrink and grow from slice to slice
     flip: bool = False  # anatomy has a handedness: off by default
     spatial_probability: float = 0.8
     foreground_crop_probability: float = 0.67  # crops centred on a labelled pixel, as nnU-Net oversamples

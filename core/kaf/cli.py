@@ -9,7 +9,8 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from kaf import __version__
 from kaf.errors import JobCancelled, KafError
@@ -139,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--modality", default="auto", choices=["auto", "mri", "ct"], help="intensity normalisation recipe"
     )
     finetune.add_argument(
-        "--max-side", type=int, default=None, help="downscale slices whose longer side exceeds this"
+        "--max-side",
+        type=int,
+        default=None,
+        help="downscale slices to at most this longer side (default: the preset's input size; 0: never)",
     )
     finetune.add_argument("--label-names", default="", help="comma-separated class names, background first")
     finetune.add_argument("--force", action="store_true", help="overwrite --out if it exists")
@@ -158,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--uncertainty", help="also write the normalised entropy (0 = certain, 1 = uniform) here"
     )
     predict.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
+    predict.add_argument(
+        "--keep-all-components",
+        action="store_true",
+        help="keep every connected piece of each label (default: only the largest; stray islands removed)",
+    )
     predict.add_argument("--force", action="store_true", help="overwrite outputs that exist")
     add_common(predict)
 
@@ -193,26 +202,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def handle_signals(cancel: CancelToken) -> None:
-    """SIGTERM (Slicer's Stop, `kill`) cancels the job at its next step, like Ctrl+C."""
+@contextmanager
+def sigterm_cancels(cancel: CancelToken) -> Iterator[None]:
+    """While a command runs, SIGTERM (Slicer's Stop, `kill`) cancels the job at its next step, like
+    Ctrl+C; the previous handler comes back afterwards, so callers in the same process keep theirs."""
 
     def stop(signum, frame):
         cancel.cancel()
 
-    signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cancel = CancelToken()
-    handle_signals(cancel)
     printer = ProgressPrinter(args.progress)
     from kaf import commands  # heavy imports (torch, monai) only after argument parsing
 
     command: Callable = getattr(commands, args.command)
     started = time.perf_counter()
     try:
-        payload = command(args, printer, cancel, run)
+        with sigterm_cancels(cancel):
+            payload = command(args, printer, cancel, run)
     except KeyboardInterrupt:
         printer.close()
         print("kaf: stopped by the user; nothing was written", file=sys.stderr)

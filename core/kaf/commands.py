@@ -105,7 +105,10 @@ def predict(args, printer, cancel, run) -> dict:
     image = read_volume(args.image)
     model, metadata = load_finetuned_model(args.checkpoint)
     prepared = prepare_for_inference(image, metadata)
-    prediction = run(predict_job(model, prepared, args.device, args.batch_size, cancel), printer)
+    prediction = run(
+        predict_job(model, prepared, args.device, args.batch_size, cancel, not args.keep_all_components),
+        printer,
+    )
     _write_prediction(prediction, image, args.out, args.probabilities, args.uncertainty)
     counts = np.bincount(prediction.labels.ravel(), minlength=len(metadata.label_names))
     return {

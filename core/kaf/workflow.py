@@ -26,11 +26,12 @@ def prepare_for_training(
     volume: Volume, preset: str, slice_axis: int = 0, modality: str = "auto", max_side: int | None = None
 ) -> PreparedVolume:
     normalization = fit_normalization(volume.array, modality, source=str(volume.source or "image"))
-    keypoints = KeypointConfig(max_keypoints=preset_config(preset).max_keypoints)
+    """`max_side` None means the preset's input size; 0 keeps the native resolution."""
+    config = preset_config(preset)
+    keypoints = KeypointConfig(max_keypoints=config.max_keypoints)
     shape = np.moveaxis(volume.array, slice_axis, 0).shape[1:]
-    return PreparedVolume.from_array(
-        volume.array, normalization, keypoints, slice_axis, scale_for_max_side(shape, max_side)
-    )
+    scale = scale_for_max_side(shape, config.input_size if max_side is None else max_side)
+    return PreparedVolume.from_array(volume.array, normalization, keypoints, slice_axis, scale)
 
 
 def prepare_for_inference(volume: Volume, metadata: CheckpointMetadata) -> PreparedVolume:

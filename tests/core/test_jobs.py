@@ -10,7 +10,7 @@ from kaf.intensity import fit_normalization
 from kaf.jobs.events import CancelToken, drive
 from kaf.jobs.explain import explain
 from kaf.jobs.finetune import FinetuneSettings, cosine_learning_rate, finetune
-from kaf.jobs.predict import predict
+from kaf.jobs.predict import keep_largest_components, predict
 from kaf.keypoints import KeypointConfig
 from kaf.preparation import PreparedVolume
 from tests.conftest import synthetic_volume
@@ -90,7 +90,7 @@ def test_predict_returns_probabilities_and_labels_on_the_original_grid(prepared_
     prepared, annotation, labels = prepared_and_annotation
     model = drive(finetune(prepared, annotation, QUICK)).model
     events = []
-    prediction = drive(predict(model, prepared, "cpu", batch_size=3), events.append)
+    prediction = drive(predict(model, prepared, "cpu", batch_size=3, largest_component=False), events.append)
     assert prediction.probabilities.shape == (3, *labels.shape)
     assert np.allclose(prediction.probabilities.sum(0), 1, atol=1e-4)
     assert prediction.labels.shape == labels.shape and prediction.labels.dtype == np.uint8
@@ -119,3 +119,13 @@ def test_explain_gives_keypoints_and_attention_maps_on_the_slice(prepared_and_an
     assert np.hypot(*(np.array(peak) - explanation.keypoints[strongest])) < 4
     with pytest.raises(InputDataError, match="head"):
         explanation.attention_map(1, 9, 0)
+
+
+def test_keeping_the_largest_component_removes_islands_of_each_class():
+    labels = np.zeros((4, 10, 10), dtype=np.uint8)
+    labels[1:3, 1:5, 1:5] = 1  # the structure
+    labels[0, 8, 8] = 1  # a stray island of class 1
+    labels[2, 7:9, 1:3] = 2  # class 2: one component, kept whole
+    cleaned = keep_largest_components(labels, 3)
+    assert cleaned[0, 8, 8] == 0 and (cleaned[1:3, 1:5, 1:5] == 1).all()
+    assert (cleaned == 2).sum() == 4

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from monai.transforms import KeepLargestConnectedComponent
 
 from kaf.devices import autocast, is_out_of_memory, out_of_memory_error, resolve_device
 from kaf.jobs.events import CancelToken, Job, StageClock
@@ -36,12 +37,24 @@ def predict_slices(
     return prepared.layout.from_model(logits.float().softmax(1).cpu())
 
 
+def keep_largest_components(labels: np.ndarray, classes: int) -> np.ndarray:
+    """Each foreground class keeps only its largest 3D connected component; the rest becomes background.
+
+    A few-slice model's mistakes are mostly small islands far from the structure, so this removes
+    them (on ACDC it is worth more than 0.1 Dice, see BENCHMARKS.md); structures made of several
+    separate pieces should turn it off.
+    """
+    keep = KeepLargestConnectedComponent(applied_labels=list(range(1, classes)), independent=True)
+    return keep(torch.from_numpy(labels[None].astype(np.int64)))[0].numpy().astype(labels.dtype)
+
+
 def predict(
     model: KafUNet,
     prepared: PreparedVolume,
     device: str | torch.device = "auto",
     batch_size: int = 4,
     cancel: CancelToken | None = None,
+    largest_component: bool = True,
 ) -> Job[Prediction]:
     cancel = cancel or CancelToken()
     device = resolve_device(device) if isinstance(device, str) else device
@@ -64,4 +77,7 @@ def predict(
         yield clock.event("predict", indices[-1] + 1, total)
     probabilities = put_slices(probabilities, prepared.slice_axis)
     label_dtype = np.uint8 if model.config.classes <= 256 else np.uint16
-    return Prediction(np.ascontiguousarray(probabilities), probabilities.argmax(0).astype(label_dtype))
+    labels = probabilities.argmax(0).astype(label_dtype)
+    if largest_component:
+        labels = keep_largest_components(labels, model.config.classes)
+    return Prediction(np.ascontiguousarray(probabilities), labels)

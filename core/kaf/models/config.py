@@ -23,7 +23,7 @@ class ModelConfig:
     in_channels: int = 1
     classes: int = 2
     max_keypoints: int = 256
-    input_size: int = 256  # side of training crops; any multiple of 16 works at inference
+    input_size: int = 128  # slices are downscaled so their longer side is at most this (0 = never)
 
     def __post_init__(self) -> None:
         if self.token_dim % self.attention_heads:

@@ -1,0 +1,326 @@
+"""The module's logic without Qt: export MRML nodes to files, run one `kaf` job, import its results.
+
+Every job follows the same path: write the inputs into a fresh folder under `work_dir`, start the CLI
+through an injected process runner, turn its output into `progress` and `message` notifications, and
+when it ends, import the results into MRML nodes and emit `finished` with a `JobOutcome`. Nothing blocks:
+the runner calls back when the process speaks or ends.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from . import mrml
+from .command import (
+    FinetuneOptions,
+    KafCommand,
+    explain_arguments,
+    finetune_arguments,
+    predict_arguments,
+)
+from .process import ProcessRunner
+from .progress import JobOutcome, JobStatus, ProgressParser
+from .signal import Signal
+from .volumes import Keypoint, read_attention, read_keypoints, read_nifti
+
+ATTENTION_FILE = re.compile(r"attention_level(\d+)\.nii(?:\.gz)?")
+KEYPOINTS_NODE_NAME = "KAF keypoints"
+ATTENTION_NODE_NAME = "KAF attention"
+NO_COMMAND = (
+    "The kaf command line was not found: install the dependencies from the module, or set an "
+    "external Python that has kaf installed."
+)
+
+
+class KafSegmentError(Exception):
+    """A problem the user can fix, found before a job starts (no model, busy, bad annotation)."""
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The files of the last `kaf explain` run and what they were computed for."""
+
+    folder: Path
+    volume_node: Any
+    model: Path
+    slice_index: int
+    keypoint: int
+    keypoints: list[Keypoint]
+
+    def matches(self, volume_node, model: Path | None, slice_index: int, keypoint: int) -> bool:
+        return (self.volume_node, self.model, self.slice_index, self.keypoint) == (
+            volume_node,
+            model,
+            slice_index,
+            keypoint,
+        )
+
+    def attention_file(self, level: int) -> Path | None:
+        return self.levels.get(level)
+
+    @property
+    def levels(self) -> dict[int, Path]:
+        """The attention files by level: attention_level{n}.nii.gz."""
+        matches = (ATTENTION_FILE.fullmatch(path.name) for path in self.folder.iterdir())
+        return {int(match[1]): self.folder / match[0] for match in matches if match}
+
+
+@dataclass
+class _Job:
+    name: str
+    runner: ProcessRunner
+    parser: ProgressParser
+    folder: Path
+    import_results: Callable[[dict], str]  # returns the message for the user
+    keep_folder: bool = False  # explain: its files stay for the attention display
+    stop_requested: bool = False
+
+
+class KafLogic:
+    """Fine-tune, predict and explain on MRML nodes with the `kaf` CLI, one job at a time.
+
+    `runner_factory` makes a `ProcessRunner` per job (QProcess in Slicer, subprocess in tests);
+    `environment` is the child's whole environment (None: inherit this process's).
+    """
+
+    def __init__(
+        self,
+        command: KafCommand | None,
+        runner_factory: Callable[[], ProcessRunner],
+        work_dir: Path,
+        environment: Mapping[str, str] | None = None,
+    ) -> None:
+        self.command = command
+        self.environment = environment
+        self.work_dir = Path(work_dir)
+        self.progress = Signal()  # ProgressUpdate
+        self.message = Signal()  # str: what is going on
+        self.warning = Signal()  # str: a warning of the CLI, e.g. that it runs on the CPU
+        self.finished = Signal()  # JobOutcome, emitted once the results are in the scene
+        self.model_path: Path | None = None  # what Predict and Explain use
+        self.prediction_node = None
+        self.keypoints_node = None
+        self.attention_node = None
+        self.explanation: Explanation | None = None
+        self._runner_factory = runner_factory
+        self._job: _Job | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None
+
+    def finetune(
+        self,
+        volume_node,
+        segmentation_node,
+        segment_ids: Sequence[str] | None,
+        options: FinetuneOptions,
+    ) -> None:
+        """Fine-tune on the painted slices of the segments (all when `segment_ids` is None); the new
+        checkpoint becomes `model_path`."""
+        self._check_can_start(volume_node)
+        ids = list(segment_ids) if segment_ids else mrml.segment_ids(segmentation_node)
+        names = ["background", *mrml.segment_names(segmentation_node, ids)]
+        checkpoint = self._new_checkpoint_path(volume_node)
+        with self._job_folder("finetune") as folder:
+            image = mrml.export_volume(volume_node, folder / "image.nii")
+            slices = mrml.export_annotation(segmentation_node, ids, volume_node, folder / "labels.nii")
+            arguments = finetune_arguments(image, folder / "labels.nii", checkpoint, options, names)
+
+        def import_results(result: dict) -> str:
+            self.model_path = Path(result.get("checkpoint") or checkpoint)
+            return f"Fine-tuned model saved to {self.model_path}"
+
+        self.message.emit(f"Fine-tuning on {len(slices)} annotated slice(s): {', '.join(map(str, slices))}")
+        self._start("finetune", arguments, folder, import_results)
+
+    def predict(self, volume_node, output_node=None, device: str = "auto", annotation_node=None) -> None:
+        """Segment every slice into `output_node` (a new segmentation node when None), replacing its
+        segments; segments get the colour of the same-named segment of `annotation_node`."""
+        self._check_can_start(volume_node)
+        model = self._require_model()
+        with self._job_folder("predict") as folder:
+            image = mrml.export_volume(volume_node, folder / "image.nii")
+        out = folder / "segmentation.nii"
+
+        def import_results(result: dict) -> str:
+            labels, affine = read_nifti(out)
+            target = output_node if _in_scene(output_node) else _new_segmentation(volume_node)
+            colors = mrml.segment_colors(annotation_node) if _in_scene(annotation_node) else {}
+            mrml.import_labels(
+                target, labels, affine, volume_node, _label_names(result, labels.max()), colors
+            )
+            self.prediction_node = target
+            counts = result.get("voxels_per_label") or {}
+            return "Segmented: " + ", ".join(
+                f"{name} {count} voxels" for name, count in list(counts.items())[1:]
+            )
+
+        self._start("predict", predict_arguments(image, model, out, device), folder, import_results)
+
+    def explain(self, volume_node, slice_index: int, keypoint: int = 0, device: str = "auto") -> None:
+        """Find the keypoints of a slice (shown as control points of `keypoints_node`) and the attention
+        maps of one of them (shown by `show_attention`)."""
+        self._check_can_start(volume_node)
+        model = self._require_model()
+        slices = volume_node.GetImageData().GetDimensions()[2]
+        if not 0 <= slice_index < slices:
+            raise KafSegmentError(
+                f"Slice {slice_index} does not exist: the volume has slices 0 to {slices - 1}."
+            )
+        with self._job_folder("explain") as folder:
+            image = mrml.export_volume(volume_node, folder / "image.nii")
+
+        def import_results(result: dict) -> str:
+            image.unlink()  # the folder stays for the attention maps; the volume copy need not
+            keypoints = read_keypoints(folder / "keypoints.csv")
+            if not _in_scene(self.keypoints_node):
+                self.keypoints_node = _new_node(
+                    volume_node, "vtkMRMLMarkupsFiducialNode", KEYPOINTS_NODE_NAME
+                )
+            mrml.update_keypoints(self.keypoints_node, keypoints, slice_index, volume_node)
+            mrml.select_keypoint(self.keypoints_node, keypoint)
+            if self.explanation is not None:
+                shutil.rmtree(self.explanation.folder, ignore_errors=True)
+            self.explanation = Explanation(folder, volume_node, model, slice_index, keypoint, keypoints)
+            return f"{len(keypoints)} keypoints on slice {slice_index}"
+
+        arguments = explain_arguments(image, model, slice_index, keypoint, folder, device)
+        self._start("explain", arguments, folder, import_results, keep_folder=True)
+
+    def show_attention(self, level: int, head: int, show: bool = True):
+        """Load one attention map of the last explanation into `attention_node`; returns the node."""
+        explanation = self.explanation
+        if explanation is None or not _in_scene(explanation.volume_node):
+            raise KafSegmentError("Show the keypoints of a slice first.")
+        path = explanation.attention_file(level)
+        if path is None:
+            levels = ", ".join(map(str, sorted(explanation.levels)))
+            raise KafSegmentError(f"Level {level} has no attention map; levels with attention: {levels}.")
+        try:
+            attention, affine = read_attention(path, head)
+        except ValueError as error:
+            raise KafSegmentError(str(error)) from error
+        if not _in_scene(self.attention_node):
+            self.attention_node = _new_node(
+                explanation.volume_node, "vtkMRMLScalarVolumeNode", ATTENTION_NODE_NAME
+            )
+        mrml.update_attention_volume(self.attention_node, attention, affine, explanation.volume_node)
+        self.attention_node.SetName(
+            f"{ATTENTION_NODE_NAME} (keypoint {explanation.keypoint}, level {level}, head {head})"
+        )
+        if show:
+            mrml.show_as_foreground(self.attention_node)
+        return self.attention_node
+
+    def select_keypoint(self, index: int) -> None:
+        if _in_scene(self.keypoints_node):
+            mrml.select_keypoint(self.keypoints_node, index)
+
+    def stop(self) -> None:
+        """Stop the running job: the CLI gets SIGTERM, writes nothing, and `finished` reports 'stopped'."""
+        if self._job is not None and not self._job.stop_requested:
+            self._job.stop_requested = True
+            self._job.runner.kill()
+            self.message.emit(f"Stopping {self._job.name}…")
+
+    def _check_can_start(self, volume_node) -> None:
+        if self.busy:
+            raise KafSegmentError(f"kaf {self._job.name} is still running: wait for it or stop it.")
+        if self.command is None:
+            raise KafSegmentError(NO_COMMAND)
+        if volume_node is None or volume_node.GetImageData() is None:
+            raise KafSegmentError("Choose a volume that has voxels.")
+
+    def _require_model(self) -> Path:
+        if self.model_path is None or not self.model_path.is_file():
+            raise KafSegmentError("No model yet: fine-tune first, or choose a fine-tuned checkpoint.")
+        return self.model_path
+
+    def _new_checkpoint_path(self, volume_node) -> Path:
+        """Checkpoints outlive their job: they go to work_dir/models, named after the volume and time."""
+        folder = self.work_dir / "models"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{_file_stem(volume_node.GetName())}-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
+
+    @contextmanager
+    def _job_folder(self, name: str) -> Iterator[Path]:
+        """A new folder for a job's files, removed again if preparing the job fails."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.work_dir))
+        try:
+            yield folder
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def _start(
+        self,
+        name: str,
+        arguments: list[str],
+        folder: Path,
+        import_results: Callable[[dict], str],
+        keep_folder: bool = False,
+    ) -> None:
+        runner = self._runner_factory()
+        job = _Job(name, runner, ProgressParser(name), folder, import_results, keep_folder)
+        runner.on_stdout_line = lambda line: self._on_stdout(job, line)
+        runner.on_stderr_line = lambda line: self._on_stderr(job, line)
+        runner.on_finished = lambda exit_code: self._on_finished(job, exit_code)
+        self._job = job
+        runner.start(self.command(name, *arguments), self.environment)
+
+    def _on_stdout(self, job: _Job, line: str) -> None:
+        update = job.parser.read_stdout_line(line)
+        if update is not None:
+            self.progress.emit(update)
+
+    def _on_stderr(self, job: _Job, line: str) -> None:
+        warning = job.parser.read_stderr_line(line)
+        if warning is not None:
+            self.warning.emit(warning)
+
+    def _on_finished(self, job: _Job, exit_code: int) -> None:
+        outcome: JobOutcome = job.parser.outcome(exit_code, job.stop_requested)
+        if outcome.succeeded:
+            try:
+                outcome = replace(outcome, message=job.import_results(outcome.result))
+            except Exception as error:  # whatever breaks here must reach the user and free the logic
+                message = f"The results of kaf {job.name} could not be loaded: {error}"
+                outcome = replace(outcome, status=JobStatus.FAILED, message=message)
+        if not (outcome.succeeded and job.keep_folder):
+            shutil.rmtree(job.folder, ignore_errors=True)
+        self._job = None  # before `finished`, so that its handlers may start the next job
+        self.finished.emit(outcome)
+
+
+def _label_names(result: dict, max_label: int) -> list[str]:
+    """Names of labels 0..max_label: the checkpoint's, as the CLI reports them, else 'label n'."""
+    names = list(result.get("voxels_per_label") or {})
+    return [names[value] if value < len(names) else f"label {value}" for value in range(int(max_label) + 1)]
+
+
+def _file_stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") or "volume"
+
+
+def _in_scene(node) -> bool:
+    return node is not None and node.GetScene() is not None
+
+
+def _new_node(volume_node, class_name: str, name: str):
+    node = volume_node.GetScene().AddNewNodeByClass(class_name, name)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def _new_segmentation(volume_node):
+    return _new_node(volume_node, "vtkMRMLSegmentationNode", f"{volume_node.GetName()} KAF prediction")

@@ -1,0 +1,108 @@
+"""Arrays and files exchanged with the CLI, and the geometry that ties them to Slicer's RAS space.
+
+Arrays are indexed [z, y, x] = [k, j, i], as `slicer.util.arrayFromVolume` returns them, and the 4x4
+affine maps a voxel (i, j, k) to RAS millimetres: the volume node's IJKToRAS matrix, which is also the
+NIfTI affine. nibabel is imported where it is used, so that the module loads in a Slicer whose Python
+does not have it yet (the user can then install it from the module).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+GRID_TOLERANCE_MM = 1e-3  # the CLI's own tolerance when it compares affines
+
+
+@dataclass(frozen=True)
+class Keypoint:
+    """A keypoint of one slice, as `kaf explain` writes it: row and column on the slice grid."""
+
+    index: int
+    row: float
+    col: float
+    score: float
+
+
+def write_nifti(array_zyx: np.ndarray, ijk_to_ras: np.ndarray, path: Path) -> Path:
+    """Write a [z, y, x] array whose voxel (i, j, k) lies at `ijk_to_ras @ (i, j, k, 1)`."""
+    import nibabel
+
+    if array_zyx.dtype == bool:
+        array_zyx = array_zyx.astype(np.uint8)
+    elif array_zyx.dtype in (np.int64, np.uint64):  # NIfTI readers disagree on 64-bit integers
+        array_zyx = array_zyx.astype(np.float64)
+    image = nibabel.Nifti1Image(np.ascontiguousarray(array_zyx.transpose(2, 1, 0)), ijk_to_ras)
+    image.set_sform(ijk_to_ras, code=1)
+    image.set_qform(ijk_to_ras, code=1)
+    nibabel.save(image, path)
+    return Path(path)
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A 3D NIfTI file as a [z, y, x] array and its IJK-to-RAS affine."""
+    import nibabel
+
+    image = nibabel.load(path, mmap=False)
+    data = np.asanyarray(image.dataobj)
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D volume, found shape {data.shape}")
+    return np.ascontiguousarray(data.transpose(2, 1, 0)), image.affine
+
+
+def read_attention(path: Path, head: int) -> tuple[np.ndarray, np.ndarray]:
+    """One head of an attention file of `kaf explain`: a 4D NIfTI (x, y, z = one slice, head)."""
+    import nibabel
+
+    image = nibabel.load(path, mmap=False)
+    heads = image.shape[3] if len(image.shape) == 4 else 1
+    if not 0 <= head < heads:
+        raise ValueError(f"{Path(path).name} has heads 0 to {heads - 1}; head {head} does not exist")
+    data = np.asanyarray(image.dataobj)
+    volume = data[..., head] if data.ndim == 4 else data
+    return np.ascontiguousarray(volume.transpose(2, 1, 0), dtype=np.float32), image.affine
+
+
+def same_grid(affine: np.ndarray, reference: np.ndarray, tolerance: float = GRID_TOLERANCE_MM) -> bool:
+    return bool(np.allclose(affine, reference, atol=tolerance))
+
+
+def annotated_slices(labels_zyx: np.ndarray, axis: int = 0) -> list[int]:
+    """Slices along `axis` with at least one labelled voxel: the CLI trains on these."""
+    other_axes = tuple(a for a in range(labels_zyx.ndim) if a != axis)
+    return np.flatnonzero(labels_zyx.any(axis=other_axes)).tolist()
+
+
+def read_keypoints(path: Path) -> list[Keypoint]:
+    """keypoints.csv of `kaf explain`: header `index,row,col,score`."""
+    with open(path, newline="") as handle:
+        return [
+            Keypoint(int(row["index"]), float(row["row"]), float(row["col"]), float(row["score"]))
+            for row in csv.DictReader(handle)
+        ]
+
+
+def keypoints_to_ras(
+    keypoints: list[Keypoint], slice_index: int, ijk_to_ras: np.ndarray, slice_axis: int = 0
+) -> np.ndarray:
+    """RAS positions (n, 3) of keypoints found on slice `slice_index` along `slice_axis` (0 = z).
+
+    (slice, row, col) is a [z, y, x] index once the slice goes back to its axis, e.g. (k, j, i) for
+    axis 0; reversed, that is the IJK index that `ijk_to_ras` maps to RAS.
+    """
+    if not keypoints:
+        return np.zeros((0, 3))
+    rows_cols = np.array([[point.row, point.col] for point in keypoints], dtype=float)
+    zyx = np.insert(rows_cols, slice_axis, float(slice_index), axis=1)
+    ijk1 = np.column_stack([zyx[:, ::-1], np.ones(len(keypoints))])
+    return (ijk1 @ np.asarray(ijk_to_ras, dtype=float).T)[:, :3]
+
+
+def slice_center_ras(shape_zyx: tuple[int, ...], slice_index: int, ijk_to_ras: np.ndarray) -> np.ndarray:
+    """RAS position of the centre of axial slice `slice_index`: where to jump the slice views."""
+    _, rows, cols = shape_zyx
+    center = Keypoint(-1, (rows - 1) / 2, (cols - 1) / 2, 0.0)
+    return keypoints_to_ras([center], slice_index, ijk_to_ras)[0]

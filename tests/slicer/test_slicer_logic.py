@@ -1,0 +1,348 @@
+"""Tier 2: the logic on real MRML classes, first with a fake process (the test plays the CLI), then
+end to end with the real `kaf` CLI on an MSD Hippocampus volume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kafsegment_testing import NAMES, add_volume, oblique_affine, two_class_labels
+
+from kaf.volume_io import read_volume, write_class_maps, write_volume
+
+pytestmark = pytest.mark.slicer_core
+
+JOB_TIMEOUT_S = 240
+
+
+class FakeRunner:
+    """A `ProcessRunner` that records what it was asked to run; the test plays the CLI's part."""
+
+    def __init__(self) -> None:
+        self.args: list[str] = []
+        self.environment = None
+        self.killed = False
+        self.on_stdout_line: Callable[[str], None]  # set by the logic
+        self.on_stderr_line: Callable[[str], None]
+        self.on_finished: Callable[[int], None]
+
+    @property
+    def running(self) -> bool:
+        return bool(self.args)
+
+    def start(self, args: Sequence[str], environment=None) -> None:
+        self.args = list(args)
+        self.environment = environment
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def option(self, name: str) -> Path:
+        """The path given for a command-line option."""
+        return Path(self.args[self.args.index(name) + 1])
+
+    def say(self, event: dict) -> None:
+        self.on_stdout_line(json.dumps(event))
+
+    def finish(self, exit_code: int = 0, result: dict | None = None, stderr: Sequence[str] = ()) -> None:
+        for line in stderr:
+            self.on_stderr_line(line)
+        if result is not None:
+            self.say({"event": "result", **result})
+        self.on_finished(exit_code)
+
+
+class Recorder:
+    """Everything the logic tells the widget."""
+
+    def __init__(self, logic) -> None:
+        self.progress, self.messages, self.warnings, self.outcomes = [], [], [], []
+        logic.progress.connect(self.progress.append)
+        logic.message.connect(self.messages.append)
+        logic.warning.connect(self.warnings.append)
+        logic.finished.connect(self.outcomes.append)
+
+
+@pytest.fixture
+def case(mrml_scene):
+    """A volume with an oblique geometry and an annotation of two classes painted on slices 1 and 4."""
+    from KAFSegmentLib import mrml
+
+    volume = add_volume(
+        mrml_scene, np.random.default_rng(0).random((6, 8, 9)).astype(np.float32), oblique_affine()
+    )
+    annotation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "annotation")
+    mrml.import_labels(annotation, two_class_labels(), oblique_affine(), volume, NAMES)
+    return volume, annotation
+
+
+@pytest.fixture
+def fake(case, tmp_path):
+    """(logic, runners, recorder) with fake runners, one per job."""
+    from KAFSegmentLib.command import KafCommand
+    from KAFSegmentLib.logic import KafLogic
+
+    runners: list[FakeRunner] = []
+
+    def new_runner() -> FakeRunner:
+        runners.append(FakeRunner())
+        return runners[-1]
+
+    logic = KafLogic(KafCommand(("kaf",)), new_runner, tmp_path / "work", {"OMP_NUM_THREADS": "1"})
+    return logic, runners, Recorder(logic)
+
+
+def test_finetune_exports_the_inputs_reports_progress_and_keeps_the_model(case, fake):
+    from KAFSegmentLib.command import FinetuneOptions
+    from KAFSegmentLib.progress import JobStatus
+
+    volume, annotation = case
+    logic, runners, recorder = fake
+    logic.finetune(volume, annotation, None, FinetuneOptions(steps=5, device="cpu"))
+    runner = runners[-1]
+
+    assert logic.busy and runner.environment == {"OMP_NUM_THREADS": "1"}
+    assert runner.args[:2] == ["kaf", "finetune"] and ",".join(NAMES) in runner.args
+    assert recorder.messages == ["Fine-tuning on 2 annotated slice(s): 1, 4"]
+    image, labels = read_volume(runner.option("--image")), read_volume(runner.option("--labels"))
+    np.testing.assert_array_equal(labels.array, two_class_labels())
+    np.testing.assert_allclose(image.affine, oblique_affine(), atol=1e-5)
+
+    runner.say({"event": "progress", "stage": "finetune", "step": 1, "total": 5, "loss": 0.9})
+    runner.on_stderr_line("kaf: Running on the CPU: fine-tuning takes about a minute")
+    checkpoint = runner.option("--out")
+    checkpoint.write_bytes(b"weights")
+    runner.finish(0, {"checkpoint": str(checkpoint), "steps": 5})
+
+    assert [update.step for update in recorder.progress] == [1]
+    assert recorder.warnings == ["Running on the CPU: fine-tuning takes about a minute"]
+    (outcome,) = recorder.outcomes
+    assert outcome.status is JobStatus.SUCCEEDED and outcome.job == "finetune"
+    assert logic.model_path == checkpoint and checkpoint.parent == logic.work_dir / "models"
+    assert not logic.busy and not runner.option("--image").exists()  # job files are removed
+
+
+def test_one_job_at_a_time_and_stop(case, fake):
+    from KAFSegmentLib.command import FinetuneOptions
+    from KAFSegmentLib.logic import KafSegmentError
+    from KAFSegmentLib.progress import JobStatus
+
+    volume, annotation = case
+    logic, runners, recorder = fake
+    logic.finetune(volume, annotation, None, FinetuneOptions())
+    with pytest.raises(KafSegmentError, match="still running"):
+        logic.finetune(volume, annotation, None, FinetuneOptions())
+
+    logic.stop()
+    assert runners[-1].killed and recorder.messages[-1] == "Stopping finetune…"
+    runners[-1].finish(130, stderr=["kaf: finetune stopped by the user; nothing was written"])
+    assert recorder.outcomes[-1].status is JobStatus.STOPPED and not logic.busy
+    assert logic.model_path is None
+
+
+def test_cli_errors_reach_the_user_and_free_the_logic(case, fake):
+    from KAFSegmentLib.command import FinetuneOptions
+    from KAFSegmentLib.progress import JobStatus
+
+    volume, annotation = case
+    logic, runners, recorder = fake
+    logic.finetune(volume, annotation, None, FinetuneOptions(checkpoint="/w/other.safetensors"))
+    runners[-1].finish(2, stderr=["kaf finetune: error: /w/other.safetensors: made for preset paper-acdc"])
+    outcome = recorder.outcomes[-1]
+    assert (
+        outcome.status is JobStatus.FAILED
+        and outcome.message == "/w/other.safetensors: made for preset paper-acdc"
+    )
+    assert not logic.busy
+
+
+def test_errors_before_a_job_starts(case, fake, tmp_path):
+    from KAFSegmentLib.logic import KafSegmentError
+
+    volume, _ = case
+    logic, runners, _ = fake
+    with pytest.raises(KafSegmentError, match="No model yet"):
+        logic.predict(volume)
+    logic.model_path = tmp_path / "model.safetensors"
+    logic.model_path.write_bytes(b"weights")
+    with pytest.raises(KafSegmentError, match="slices 0 to 5"):
+        logic.explain(volume, 6)
+    logic.command = None
+    with pytest.raises(KafSegmentError, match="command line was not found"):
+        logic.predict(volume)
+    assert runners == [] and list((tmp_path / "work").glob("*-*")) == []
+
+
+def test_predict_imports_the_labels_into_a_new_segmentation(case, fake, tmp_path):
+    from KAFSegmentLib import mrml
+
+    volume, annotation = case
+    logic, runners, recorder = fake
+    logic.model_path = tmp_path / "model.safetensors"
+    logic.model_path.write_bytes(b"weights")
+    logic.predict(volume, None, "cpu", annotation)
+    runner = runners[-1]
+    predicted = np.roll(two_class_labels(), 1, axis=0)
+    write_volume(predicted, read_volume(runner.option("--image")).affine, runner.option("--out"))
+    runner.finish(0, {"voxels_per_label": {"background": 400, "anterior": 13, "posterior": 9}})
+
+    assert recorder.outcomes[-1].message == "Segmented: anterior 13 voxels, posterior 9 voxels"
+    node = logic.prediction_node
+    assert node.GetName() == "volume KAF prediction"
+    ids = mrml.segment_ids(node)
+    assert mrml.segment_names(node, ids) == ["anterior", "posterior"]
+    assert mrml.segment_colors(node) == mrml.segment_colors(annotation)
+    np.testing.assert_array_equal(mrml.segments_to_labels(node, ids, volume), predicted)
+
+
+def test_results_that_cannot_be_loaded_fail_the_job_cleanly(case, fake, tmp_path):
+    from KAFSegmentLib.progress import JobStatus
+
+    volume, _ = case
+    logic, runners, recorder = fake
+    logic.model_path = tmp_path / "model.safetensors"
+    logic.model_path.write_bytes(b"weights")
+    logic.predict(volume)
+    runners[-1].finish(0, {"voxels_per_label": {}})  # but no segmentation file was written
+    outcome = recorder.outcomes[-1]
+    assert outcome.status is JobStatus.FAILED and "could not be loaded" in outcome.message
+    assert not logic.busy
+
+
+def test_explain_places_keypoints_and_switches_attention_maps_without_rerunning(case, fake, tmp_path):
+    from KAFSegmentLib import mrml
+    from KAFSegmentLib.logic import KafSegmentError
+
+    volume, _ = case
+    logic, runners, recorder = fake
+    logic.model_path = tmp_path / "model.safetensors"
+    logic.model_path.write_bytes(b"weights")
+    logic.explain(volume, 3, keypoint=1)
+    runner = runners[-1]
+    out = runner.option("--out")
+    (out / "keypoints.csv").write_text("index,row,col,score\n0,2.00,3.00,0.5\n1,6.50,1.25,0.3\n")
+    slice_affine = oblique_affine()
+    slice_affine[:3, 3] += 3 * slice_affine[:3, 2]
+    maps = np.random.default_rng(0).random((2, 4, 1, 8, 9)).astype(np.float32)  # level, head, z, y, x
+    for level in (1, 2):
+        write_class_maps(maps[level - 1], slice_affine, out / f"attention_level{level}.nii.gz")
+    runner.finish(0, {"slice": 3, "keypoints": 2})
+
+    assert recorder.outcomes[-1].message == "2 keypoints on slice 3"
+    markups = logic.keypoints_node
+    positions = np.array([markups.GetNthControlPointPositionVector(i) for i in range(2)])
+    np.testing.assert_allclose(positions[1], (oblique_affine() @ [1.25, 6.5, 3, 1])[:3], atol=1e-9)
+    assert [markups.GetNthControlPointSelected(i) for i in range(2)] == [False, True]
+    assert logic.explanation.matches(volume, logic.model_path, 3, 1)
+    assert not (out / "image.nii").exists() and (out / "keypoints.csv").exists()
+
+    import slicer
+
+    node = logic.show_attention(level=2, head=3)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), maps[1, 3])
+    np.testing.assert_allclose(mrml.ijk_to_ras(node), slice_affine, atol=1e-5)
+    assert logic.show_attention(level=1, head=0) is node
+    assert node.GetName() == "KAF attention (keypoint 1, level 1, head 0)"
+    with pytest.raises(KafSegmentError, match="levels with attention: 1, 2"):
+        logic.show_attention(level=3, head=0)
+    with pytest.raises(KafSegmentError, match="heads 0 to 3"):
+        logic.show_attention(level=1, head=4)
+    assert len(runners) == 1
+
+
+# --- the real CLI ---------------------------------------------------------------------------------------
+
+
+def kaf_command():
+    """The venv's `kaf` executable, else `python -m kaf`, as the module's setting would name them."""
+    from KAFSegmentLib.command import resolve_command
+
+    if importlib.util.find_spec("kaf") is None:
+        pytest.skip("the kaf core is not installed in this Python")
+    beside_python = shutil.which("kaf", path=str(Path(sys.executable).parent))
+    return resolve_command(beside_python or sys.executable, None)
+
+
+def run_job(logic, runner_list, start) -> object:
+    """Start a job and deliver the CLI's output until it ends; returns its outcome."""
+    outcomes = []
+    logic.finished.connect(outcomes.append)
+    start()
+    assert runner_list[-1].wait(JOB_TIMEOUT_S), f"kaf did not finish within {JOB_TIMEOUT_S} s"
+    logic.finished.disconnect(outcomes.append)
+    return outcomes[0]
+
+
+def test_finetune_predict_explain_with_the_real_cli(mrml_scene, shared_data, tmp_path):
+    """A real MRI (MSD Hippocampus case 1) with a rotated IJK-to-RAS, two painted slices, 3 steps."""
+    import slicer
+    from KAFSegmentLib import mrml
+    from KAFSegmentLib.command import FinetuneOptions
+    from KAFSegmentLib.logic import KafLogic
+    from KAFSegmentLib.process import SubprocessRunner
+    from KAFSegmentLib.volumes import read_keypoints
+
+    image = read_volume(shared_data / "msd_hippocampus" / "images" / "hippocampus_001.nii.gz")
+    reference = read_volume(shared_data / "msd_hippocampus" / "labels" / "hippocampus_001.nii.gz")
+    affine = oblique_affine() @ np.diag([1 / 0.7, 1 / 0.8, 1 / 3.0, 1.0])  # rotated, 1 mm voxels
+    volume = add_volume(mrml_scene, image.array, affine, "hippocampus_001")
+    painted = np.flatnonzero(reference.array.any(axis=(1, 2)))
+    annotated = [int(painted[len(painted) // 3]), int(painted[2 * len(painted) // 3])]
+    sparse = np.zeros_like(reference.array)
+    sparse[annotated] = reference.array[annotated]
+    annotation = mrml_scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "annotation")
+    mrml.import_labels(annotation, sparse.astype(np.uint8), affine, volume, NAMES)
+
+    runners: list[SubprocessRunner] = []
+    single_thread = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 shared cores
+
+    def new_runner():
+        runners.append(SubprocessRunner())
+        return runners[-1]
+
+    logic = KafLogic(kaf_command(), new_runner, tmp_path, single_thread)
+    progress = []
+    logic.progress.connect(progress.append)
+
+    options = FinetuneOptions(steps=3, device="cpu")
+    outcome = run_job(logic, runners, lambda: logic.finetune(volume, annotation, None, options))
+    assert outcome.succeeded, outcome.message
+    assert outcome.result["annotated_slices"] == annotated and logic.model_path.is_file()
+    assert [update.step for update in progress if update.stage == "finetune"] == [1, 2, 3]
+
+    outcome = run_job(logic, runners, lambda: logic.predict(volume, None, "cpu", annotation))
+    assert outcome.succeeded, outcome.message
+    prediction = logic.prediction_node
+    counts = outcome.result["voxels_per_label"]
+    assert list(counts) == NAMES and sum(counts.values()) == image.array.size
+    ids = mrml.segment_ids(prediction)
+    names = mrml.segment_names(prediction, ids)
+    assert names == [name for name in NAMES[1:] if counts[name] > 0]
+    labels = mrml.segments_to_labels(prediction, ids, volume)  # back on the volume's grid
+    assert labels.shape == image.array.shape
+    assert [int((labels == value).sum()) for value in range(1, len(ids) + 1)] == [counts[n] for n in names]
+
+    middle = (annotated[0] + annotated[1]) // 2
+    outcome = run_job(logic, runners, lambda: logic.explain(volume, middle, keypoint=0, device="cpu"))
+    assert outcome.succeeded, outcome.message
+    keypoints = read_keypoints(logic.explanation.folder / "keypoints.csv")
+    markups = logic.keypoints_node
+    assert markups.GetNumberOfControlPoints() == len(keypoints) == outcome.result["keypoints"] > 0
+    ras = np.array([[*markups.GetNthControlPointPositionVector(i), 1] for i in range(len(keypoints))])
+    ijk = (np.linalg.inv(affine) @ ras.T).T
+    np.testing.assert_allclose(ijk[:, 2], middle, atol=1e-6)  # every keypoint lies on the explained slice
+    np.testing.assert_allclose(ijk[:, :2], [[k.col, k.row] for k in keypoints], atol=1e-6)
+
+    attention = logic.show_attention(level=1, head=0)
+    values = slicer.util.arrayFromVolume(attention)
+    assert values.shape == (1, *image.array.shape[1:]) and values.max() == pytest.approx(1.0)
+    expected_origin = (affine @ [0, 0, middle, 1])[:3]
+    np.testing.assert_allclose(mrml.ijk_to_ras(attention)[:3, 3], expected_origin, atol=1e-4)
+    np.testing.assert_allclose(mrml.ijk_to_ras(attention)[:3, :3], affine[:3, :3], atol=1e-5)
