@@ -86,6 +86,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--crop-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads in both modes (0: torch's default). On a machine shared with other "
+        "busy processes, OpenMP threads that outnumber the free cores slow the main thread by several times "
+        "and make the comparison meaningless; 1 keeps it fair there.",
+    )
     parser.add_argument("--viewer", action="store_true", help="a real napari Viewer (needs OpenGL/xvfb)")
     args = parser.parse_args()
     if not args.viewer and not os.environ.get("DISPLAY"):
@@ -99,6 +107,8 @@ def main() -> None:
     from napari_kaf._widget import KafWidget
 
     app = QApplication.instance() or QApplication(sys.argv)  # noqa: F841 - Qt needs it alive
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the widget hands this count to its worker threads
     # Keep the user's remembered plugin settings untouched.
     QSettings.setPath(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, "/tmp/kaf-benchmark-settings")
 

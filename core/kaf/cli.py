@@ -44,7 +44,7 @@ class ProgressPrinter:
         self.bar.total = event.total
         self.bar.n = event.step
         if event.loss is not None:
-            self.bar.set_postfix(loss=f"{event.loss:.4f}")
+            self.bar.set_postfix(loss=f"{event.loss:.4f}", refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:

@@ -1,0 +1,157 @@
+"""What the widget's worker threads run: the core's steps chained, with arrays in and results out.
+
+These functions run on napari worker threads. They never touch Qt or layers: the widget copies layer
+data into arrays before a job starts and turns the returned results into layers on the GUI thread.
+Each is a generator that yields the core's `ProgressEvent`s (the Stop point) and returns its result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kaf.annotation import SparseAnnotation
+from kaf.checkpoints import CheckpointMetadata, save_checkpoint
+from kaf.errors import CheckpointError
+from kaf.jobs.events import CancelToken, ProgressEvent
+from kaf.jobs.explain import Explanation, explain
+from kaf.jobs.finetune import FinetuneResult, FinetuneSettings, finetune
+from kaf.jobs.predict import predict
+from kaf.models import KafUNet
+from kaf.preparation import PreparedVolume
+from kaf.volume_io import Volume
+from kaf.workflow import (
+    load_finetuned_model,
+    load_initialisation,
+    prepare_for_inference,
+    prepare_for_training,
+)
+
+Events = Generator[ProgressEvent, None, object]
+
+
+@dataclass
+class TrainedModel:
+    result: FinetuneResult
+    prepared: PreparedVolume  # the image as the model saw it; reused by predict and explain
+
+
+@dataclass
+class PredictionOutcome:
+    labels: np.ndarray  # (z, y, x)
+    uncertainty: np.ndarray  # (z, y, x) float32 in [0, 1]
+    label_names: list[str]
+    prepared: PreparedVolume
+    model: KafUNet | None = None  # set when the model was loaded from a file for this prediction
+    metadata: CheckpointMetadata | None = None
+
+
+class TaskRuntimeError(Exception):
+    """A RuntimeError raised by a task, re-raised as something else on its way out of the worker.
+
+    superqt's GeneratorWorker treats a RuntimeError from the generator as "the worker object was deleted":
+    it warns and ends without emitting `errored` or `finished`, so the widget would stay busy for ever.
+    torch reports most failures (out of memory included) as RuntimeError, so every task runs `guarded`.
+    """
+
+    def __init__(self, original: RuntimeError) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+def guarded(task, *args):
+    """Run generator task `task(*args)`, yielding its events and returning its result, with any
+    RuntimeError wrapped in TaskRuntimeError (see there)."""
+    try:
+        return (yield from task(*args))
+    except RuntimeError as error:
+        raise TaskRuntimeError(error) from error
+
+
+def _use_threads(threads: int | None) -> None:
+    """Give the worker thread the GUI thread's torch thread count (intra-op settings can be per thread)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def finetune_task(
+    volume: Volume,
+    annotation: SparseAnnotation,
+    settings: FinetuneSettings,
+    checkpoint: Path | None,
+    cancel: CancelToken,
+    threads: int | None = None,
+) -> Events:
+    _use_threads(threads)
+    yield ProgressEvent(
+        "prepare", 0, 1, message="loading the checkpoint" if checkpoint else "preparing the image"
+    )
+    init = load_initialisation(checkpoint, settings.preset) if checkpoint is not None else None
+    cancel.raise_if_cancelled("fine-tuning")
+    prepared = prepare_for_training(volume, settings.preset, annotation.slice_axis)
+    result = yield from finetune(prepared, annotation, settings, init, None, cancel)
+    return TrainedModel(result, prepared)
+
+
+def predict_task(
+    volume: Volume,
+    model: KafUNet | None,
+    metadata: CheckpointMetadata | None,
+    prepared: PreparedVolume | None,
+    checkpoint: Path | None,
+    device: str,
+    cancel: CancelToken,
+    threads: int | None = None,
+    batch_size: int = 4,
+) -> Events:
+    """Predict with the session's model, or with a fine-tuned checkpoint file when there is none yet."""
+    _use_threads(threads)
+    loaded = False
+    if model is None:
+        if checkpoint is None:
+            raise CheckpointError(
+                "There is no model to predict with yet: fine-tune one, or choose a fine-tuned checkpoint "
+                "file."
+            )
+        yield ProgressEvent("prepare", 0, 1, message=f"loading {checkpoint.name}")
+        model, metadata = load_finetuned_model(checkpoint)
+        if metadata.method != "finetune":
+            raise CheckpointError(
+                f"{checkpoint} holds pretrained weights ('{metadata.method}'), not a fine-tuned model: "
+                "fine-tune from it first, then predict."
+            )
+        loaded = True
+    if prepared is None:
+        prepared = prepare_for_inference(volume, metadata)
+    prediction = yield from predict(model, prepared, device, batch_size, cancel)
+    return PredictionOutcome(
+        labels=prediction.labels,
+        uncertainty=prediction.uncertainty(),
+        label_names=list(metadata.label_names),
+        prepared=prepared,
+        model=model if loaded else None,
+        metadata=metadata if loaded else None,
+    )
+
+
+def explain_task(
+    model: KafUNet, prepared: PreparedVolume, slice_index: int, device: str, threads: int | None = None
+) -> Events:
+    _use_threads(threads)
+    explanation = yield from explain(model, prepared, slice_index, device)
+    return explanation
+
+
+def attention_task(explanation: Explanation, level: int, head: int, keypoint: int) -> Events:
+    """One attention map (H, W); short, but it runs torch resampling, so it stays off the GUI thread."""
+    yield ProgressEvent("attention", 0, 1)
+    return (level, head, keypoint, explanation.attention_map(level, head, keypoint))
+
+
+def save_checkpoint_task(path: Path, model: KafUNet, metadata: CheckpointMetadata) -> Events:
+    yield ProgressEvent("save", 0, 1, message=f"writing {path.name}")
+    return save_checkpoint(path, model.state_dict(), metadata)
