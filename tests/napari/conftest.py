@@ -97,7 +97,7 @@ def mni_crop(mni_sample):
 def wait_idle(qtbot):
     """Wait until the widget's job (and the prediction that may follow a fine-tune) has ended."""
 
-    def wait(widget, timeout: int = 120_000) -> None:
+    def wait(widget, timeout: int = 300_000) -> None:  # generous: CI machines may be shared and slow
         qtbot.waitUntil(lambda: not widget.busy and widget._follow_up is None, timeout=timeout)
 
     return wait

@@ -125,7 +125,7 @@ def test_whole_loop_on_a_real_mri(mri_viewer, qtbot, notifications, wait_idle):
     world = np.asarray(points.data_to_world(points.data[chosen]))
     x, y = _canvas_pixel(viewer, world[1:], before.shape)
     _click(viewer, qtbot, x, y)
-    qtbot.waitUntil(lambda: ATTENTION in viewer.layers, timeout=20_000)
+    qtbot.waitUntil(lambda: ATTENTION in viewer.layers, timeout=60_000)
     selected = widget.keypoint_spin.value()
     assert selected >= 0 and selected in points.selected_data
     picked = np.asarray(points.data_to_world(points.data[selected]))
@@ -143,7 +143,7 @@ def test_whole_loop_on_a_real_mri(mri_viewer, qtbot, notifications, wait_idle):
 
     # A head change updates the drawn map in place.
     widget.head_spin.setValue(1)
-    qtbot.waitUntil(lambda: attention.metadata["head"] == 1, timeout=20_000)
+    qtbot.waitUntil(lambda: attention.metadata["head"] == 1, timeout=60_000)
     assert viewer.layers[ATTENTION] is attention
 
 
@@ -153,10 +153,10 @@ def test_stop_midway_keeps_the_viewer_usable(mri_viewer, qtbot, notifications, w
     qtbot.mouseClick(widget.finetune_button, _left())
     assert not widget.predict_button.isEnabled()
     qtbot.waitUntil(
-        lambda: widget.last_event is not None and widget.last_event.stage == "finetune", timeout=60_000
+        lambda: widget.last_event is not None and widget.last_event.stage == "finetune", timeout=180_000
     )
     qtbot.mouseClick(widget.finetune_button, _left())  # Stop
-    wait_idle(widget, timeout=30_000)
+    wait_idle(widget, timeout=120_000)
     assert widget._model is None and PREDICTION not in viewer.layers
     assert widget.finetune_button.text() == "Fine-tune" and widget.predict_button.isEnabled()
     assert any("stopped" in message for _, message in notifications)

@@ -222,11 +222,11 @@ def test_stop_midway_and_two_jobs_refused(painted, qtbot, notifications, wait_id
     assert any("already fine-tuning" in message for _, message in notifications)
 
     qtbot.waitUntil(
-        lambda: widget.last_event is not None and widget.last_event.stage == "finetune", timeout=60_000
+        lambda: widget.last_event is not None and widget.last_event.stage == "finetune", timeout=180_000
     )
     stopped_at = widget.last_event.step
     widget.finetune_button.click()  # Stop
-    wait_idle(widget, timeout=30_000)
+    wait_idle(widget, timeout=120_000)
     assert widget.last_event.step <= stopped_at + 2  # within one step (plus one already on its way)
     assert widget._model is None and PREDICTION not in widget.viewer.layers  # no half state
     assert widget.finetune_button.text() == "Fine-tune"
@@ -301,7 +301,7 @@ def test_whole_loop(painted, qtbot, tmp_path, notifications, wait_idle, plugins)
 
     # Selecting a keypoint shows its attention map on the image grid.
     widget.select_keypoint(2)
-    qtbot.waitUntil(lambda: ATTENTION in viewer.layers, timeout=20_000)
+    qtbot.waitUntil(lambda: ATTENTION in viewer.layers, timeout=60_000)
     attention = viewer.layers[ATTENTION]
     assert widget.keypoint_spin.value() == 2
     assert attention.data.shape == image.data.shape
@@ -316,9 +316,9 @@ def test_whole_loop(painted, qtbot, tmp_path, notifications, wait_idle, plugins)
     # Changing head or level updates the same layer in place.
     before = attention.data[index].copy()
     widget.head_spin.setValue(3)
-    qtbot.waitUntil(lambda: attention.metadata["head"] == 3, timeout=20_000)
+    qtbot.waitUntil(lambda: attention.metadata["head"] == 3, timeout=60_000)
     widget._select_data(widget.level_combo, 2)
-    qtbot.waitUntil(lambda: attention.metadata["level"] == 2, timeout=20_000)
+    qtbot.waitUntil(lambda: attention.metadata["level"] == 2, timeout=60_000)
     assert viewer.layers[ATTENTION] is attention
     assert not np.allclose(attention.data[index], before)
     assert (points.features["level"] == 2).all()
