@@ -214,7 +214,7 @@ def demo(args, printer, cancel, run) -> dict:
         "annotated_slices": annotated,
         "mean_dice_unannotated": round(mean_dice, 4),
         "dice_per_class": dict(
-            zip(result.metadata.label_names[1:], np.round(per_class, 4).tolist(), strict=True)
+            zip(result.metadata.label_names[1:], [round(float(v), 4) for v in per_class], strict=True)
         ),
         "copy_nearest_slice_dice": round(copy_dice, 4),
         "training_seconds": round(result.seconds, 1),
