@@ -498,6 +498,19 @@ class KafWidget(QWidget):
     def _job_buttons(self) -> list[QPushButton]:
         return [self.finetune_button, self.predict_button, self.keypoints_button, self.save_checkpoint_button]
 
+    def _refuse_if_busy(self) -> bool:
+        """One job at a time: a second request is refused with a warning (the running one is untouched)."""
+        if self.busy:
+            show_warning(f"KAF Segment is already {self._job_name}: wait for it to end, or press Stop.")
+        return self.busy
+
+    def _stop_or_start(self, button: QPushButton, start: Any) -> None:
+        """A job's button is its Stop while that job runs."""
+        if self.busy and self._job_button is button:
+            self.stop()
+        else:
+            start()
+
     def _start_job(
         self,
         name: str,
@@ -508,8 +521,7 @@ class KafWidget(QWidget):
         image_layer: Any = None,
         cancel: CancelToken | None = None,
     ) -> bool:
-        if self.busy:
-            show_warning(f"KAF Segment is already {self._job_name}: wait for it to end, or press Stop.")
+        if self._refuse_if_busy():
             return False
         self._cancel = cancel
         self._job_name = name
@@ -615,14 +627,10 @@ class KafWidget(QWidget):
     # --- fine-tune ---------------------------------------------------------------------------------------
 
     def on_finetune_clicked(self) -> None:
-        if self.busy and self._job_button is self.finetune_button:
-            self.stop()
-        else:
-            self.start_finetune()
+        self._stop_or_start(self.finetune_button, self.start_finetune)
 
     def start_finetune(self) -> bool:
-        if self.busy:
-            show_warning(f"KAF Segment is already {self._job_name}: wait for it to end, or press Stop.")
+        if self._refuse_if_busy():
             return False
         try:
             image_layer = self.image_layer()
@@ -675,14 +683,10 @@ class KafWidget(QWidget):
     # --- predict -----------------------------------------------------------------------------------------
 
     def on_predict_clicked(self) -> None:
-        if self.busy and self._job_button is self.predict_button:
-            self.stop()
-        else:
-            self.start_predict()
+        self._stop_or_start(self.predict_button, self.start_predict)
 
     def start_predict(self, button: QPushButton | None = None) -> bool:
-        if self.busy:
-            show_warning(f"KAF Segment is already {self._job_name}: wait for it to end, or press Stop.")
+        if self._refuse_if_busy():
             return False
         try:
             image_layer = self.image_layer()
@@ -839,14 +843,10 @@ class KafWidget(QWidget):
     # --- inspect: keypoints and attention ----------------------------------------------------------------
 
     def on_keypoints_clicked(self) -> None:
-        if self.busy and self._job_button is self.keypoints_button:
-            self.stop()
-        else:
-            self.start_explain()
+        self._stop_or_start(self.keypoints_button, self.start_explain)
 
     def start_explain(self) -> bool:
-        if self.busy:
-            show_warning(f"KAF Segment is already {self._job_name}: wait for it to end, or press Stop.")
+        if self._refuse_if_busy():
             return False
         try:
             image_layer = self.image_layer()
