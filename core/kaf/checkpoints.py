@@ -260,8 +260,8 @@ def load_weights(
     expected = model.state_dict()
     if groups is not None:
         _check_group_names(groups, model)
-    selected = [name for name in expected if groups is None or _group(name) in groups]
-    considered = [name for name in state if groups is None or _group(name) in groups]
+    selected = [name for name in expected if groups is None or in_groups(name, groups)]
+    considered = [name for name in state if groups is None or in_groups(name, groups)]
     problems = _mismatches(expected, state, selected, considered)
     if problems:
         raise CheckpointError(_mismatch_message(problems, source, groups, preset))
@@ -275,13 +275,20 @@ def _group(name: str) -> str:
     return name.split(".", 1)[0]
 
 
+def in_groups(name: str, groups: Sequence[str]) -> bool:
+    """Whether a tensor name lies in one of the groups: top-level ones ("encoder") or finer prefixes
+    ("decoder.0", the first decoder block, which GCL transfers)."""
+    return any(name == group or name.startswith(group + ".") for group in groups)
+
+
 def _groups_of(names: list[str]) -> list[str]:
     return list(dict.fromkeys(_group(name) for name in names))
 
 
 def _check_group_names(groups: Sequence[str], model: KafUNet) -> None:
     known = list(model.parameter_groups())
-    unknown = [group for group in groups if group not in known]
+    names = list(model.state_dict())
+    unknown = [group for group in groups if not any(in_groups(name, [group]) for name in names)]
     if unknown:
         raise KafError(f"unknown parameter groups {unknown}; choose from {', '.join(known)}")
 

@@ -33,7 +33,7 @@ class ProgressPrinter:
         if self.mode == "jsonl":
             print(event.to_json(), flush=True)
             return
-        if self.mode == "none":
+        if self.mode in ("none", "silent"):
             return
         from tqdm import tqdm
 
@@ -43,7 +43,9 @@ class ProgressPrinter:
             self.bar = tqdm(total=event.total, desc=event.stage, unit="step", file=sys.stderr)
         self.bar.total = event.total
         self.bar.n = event.step
-        if event.loss is not None:
+        if event.terms:
+            self.bar.set_postfix({name: f"{value:.4f}" for name, value in event.terms.items()}, refresh=False)
+        elif event.loss is not None:
             self.bar.set_postfix(loss=f"{event.loss:.4f}", refresh=False)
         self.bar.refresh()
 
@@ -55,6 +57,8 @@ class ProgressPrinter:
     def result(self, payload: dict) -> None:
         """The last line: what was done and where the outputs are."""
         self.close()
+        if self.mode == "silent":  # DDP ranks other than 0
+            return
         if self.mode == "jsonl":
             print(json.dumps({"event": "result", **payload}), flush=True)
         else:
@@ -105,18 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrained or earlier fine-tuned checkpoint to start from (default: random init)",
     )
     finetune.add_argument(
-        "--preset", default="interactive", choices=list(PRESETS), help="model size (default: interactive)"
+        "--preset",
+        default="interactive",
+        choices=[*PRESETS, "custom"],
+        help="model size (default: interactive); custom: the architecture of --checkpoint (a plain UNet...)",
     )
     finetune.add_argument("--steps", type=int, default=None, help="optimiser steps (default 150)")
     finetune.add_argument(
         "--time-budget", type=float, default=None, help="stop after this many seconds of training"
     )
-    finetune.add_argument("--batch-size", type=int, default=None, help="slices per step (default 8)")
+    finetune.add_argument("--batch-size", type=int, default=None, help="slices per step (default 4)")
     finetune.add_argument(
         "--crop-size", type=int, default=None, help="training crop side, multiple of 16 (default 128)"
     )
     finetune.add_argument(
-        "--learning-rate", type=float, default=None, help="initial Adam learning rate (default 1e-3)"
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="initial Adam learning rate (default 3e-3, cosine to 3e-4)",
     )
     finetune.add_argument(
         "--seed",
@@ -187,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common(explain)
 
+    add_pretrain_parser(commands)
+
     demo = commands.add_parser(
         "demo", help="the whole loop on a real MRI (MNI152 template shipped with nilearn)"
     )
@@ -200,6 +212,84 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_common(demo)
     return parser
+
+
+def add_pretrain_parser(commands) -> None:
+    from kaf.ssl import METHODS
+
+    pretrain = commands.add_parser(
+        "pretrain",
+        help="self-supervised pretraining on unlabeled volumes (KAF, GCL, PGL or dense)",
+        description=(
+            "Pretrain a backbone on unlabeled volumes, then fine-tune from it with `kaf finetune "
+            "--checkpoint`. Several GPUs or machines: run the same command under torchrun, e.g. "
+            "`torchrun --nproc_per_node=4 -m kaf pretrain ...` (one process per GPU; each sees its own part "
+            "of every batch; only rank 0 writes). On several machines add --nnodes, --node_rank and "
+            "--rdzv_endpoint=HOST:PORT to torchrun, with the data at the same path on every machine."
+        ),
+    )
+    pretrain.add_argument("--method", required=True, choices=list(METHODS), help="pretraining method")
+    pretrain.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="volumes (.nii, .nii.gz, .nrrd, DICOM series folders) or folders holding them",
+    )
+    pretrain.add_argument(
+        "--out", required=True, help="checkpoint to write (.safetensors), also while training"
+    )
+    pretrain.add_argument(
+        "--preset", default="interactive", choices=list(PRESETS), help="model size (default: interactive)"
+    )
+    pretrain.add_argument(
+        "--backbone",
+        default="kaf",
+        choices=["kaf", "unet"],
+        help="kaf: the preset's KAF UNet; unet: the plain UNet of the same width (baselines)",
+    )
+    length = pretrain.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimiser steps per stage (default 1000)")
+    length.add_argument(
+        "--epochs", type=float, default=None, help="epochs per stage (an epoch covers every slice once)"
+    )
+    pretrain.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="items per step over all processes (default: the method's)",
+    )
+    pretrain.add_argument(
+        "--lr",
+        "--learning-rate",
+        dest="learning_rate",
+        type=float,
+        default=None,
+        help="initial learning rate (default: the method's, from its paper)",
+    )
+    pretrain.add_argument(
+        "--view-size",
+        type=int,
+        default=None,
+        help="side of the training views, a multiple of 16 (default 128)",
+    )
+    pretrain.add_argument("--resume", help="continue this pretraining checkpoint exactly where it stopped")
+    pretrain.add_argument(
+        "--time-budget", type=float, default=None, help="stop (and save) after this many seconds"
+    )
+    pretrain.add_argument("--save-every", type=int, default=500, help="write the checkpoint every N steps")
+    pretrain.add_argument("--seed", type=int, default=0, help="random seed (a run is reproducible)")
+    pretrain.add_argument(
+        "--slice-axis",
+        type=int,
+        default=0,
+        choices=[0, 1, 2],
+        help="0 = axial (z), 1 = coronal, 2 = sagittal",
+    )
+    pretrain.add_argument(
+        "--modality", default="auto", choices=["auto", "mri", "ct"], help="intensity normalisation recipe"
+    )
+    pretrain.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    add_common(pretrain)
 
 
 @contextmanager
@@ -230,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             payload = command(args, printer, cancel, run)
     except KeyboardInterrupt:
         printer.close()
-        print("kaf: stopped by the user; nothing was written", file=sys.stderr)
+        print("kaf: stopped by the user; no file was left half-written", file=sys.stderr)
         return EXIT_CANCELLED
     except JobCancelled as error:
         printer.close()

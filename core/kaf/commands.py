@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+import sys
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from kaf.annotation import sparse_annotation
 from kaf.atomic import refuse_overwrite, replace_atomically
-from kaf.checkpoints import save_checkpoint
+from kaf.checkpoints import CUSTOM_PRESET, save_checkpoint
 from kaf.devices import cpu_warning, resolve_device
 from kaf.errors import InputDataError
 from kaf.figures import attention_figure
@@ -60,7 +61,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 def _warn_on_cpu(device_name: str) -> None:
     warning = cpu_warning(resolve_device(device_name))
     if warning:
-        print(f"kaf: {warning}", flush=True, file=__import__("sys").stderr)
+        print(f"kaf: {warning}", flush=True, file=sys.stderr)
 
 
 def finetune(args, printer, cancel, run) -> dict:
@@ -71,13 +72,18 @@ def finetune(args, printer, cancel, run) -> dict:
     annotation = read_annotation(
         args.labels, image, args.slice_axis, _int_list(args.annotated_slices, "--annotated-slices")
     )
+    if args.preset == CUSTOM_PRESET and not args.checkpoint:
+        raise InputDataError("--preset custom takes the architecture of --checkpoint: give a checkpoint")
     init = load_initialisation(args.checkpoint, args.preset) if args.checkpoint else None
     names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
     if names is not None and len(names) != annotation.classes:
         raise InputDataError(
             f"--label-names gives {len(names)} names but the labels have {annotation.classes} classes"
         )
-    prepared = prepare_for_training(image, settings.preset, args.slice_axis, args.modality, args.max_side)
+    architecture = (
+        init.metadata.model_config() if init and settings.preset == CUSTOM_PRESET else settings.preset
+    )
+    prepared = prepare_for_training(image, architecture, args.slice_axis, args.modality, args.max_side)
     result = run(finetune_job(prepared, annotation, settings, init, names, cancel), printer)
     save_checkpoint(args.out, result.model.state_dict(), result.metadata)
     summary = {
@@ -90,6 +96,63 @@ def finetune(args, printer, cancel, run) -> dict:
     if result.transfer is not None:
         summary["initialised_from"] = f"{args.checkpoint}: {result.transfer.summary()}"
     return summary
+
+
+def pretrain(args, printer, cancel, run) -> dict:
+    from kaf.jobs import pretrain as engine
+    from kaf.keypoints import KeypointConfig
+    from kaf.ssl.data import load_pretrain_data
+
+    if args.resume is None or Path(args.resume).resolve() != Path(args.out).resolve():
+        refuse_overwrite([args.out], args.force)
+    settings = engine.PretrainSettings(
+        **{f.name: getattr(args, f.name) for f in fields(engine.PretrainSettings)}
+    )
+    resume = None
+    if args.resume:
+        resume = engine.read_resume_point(args.resume, args.method, settings.model_config())
+        settings = engine.with_resume_defaults(settings, resume)
+    device = engine.rank_device(settings.device)
+    comm = engine.communicator_from_environment(device)
+    if comm.rank != 0:
+        printer.mode = "silent"
+    elif device.type == "cpu":
+        print(
+            "kaf: pretraining on the CPU is slow (hours on real data); use a GPU where you can",
+            file=sys.stderr,
+        )
+    config = settings.model_config()
+    view_size = settings.view_size or _method_view_size(args.method)
+    data = load_pretrain_data(
+        args.data,
+        input_size=config.input_size,
+        min_side=view_size // 2,
+        keypoints=KeypointConfig(max_keypoints=config.max_keypoints),
+        slice_axis=args.slice_axis,
+        modality=args.modality,
+    )
+    for message in data.skipped:
+        print(f"kaf: warning: {message}", file=sys.stderr, flush=True)
+    result = run(engine.pretrain(data, settings, args.out, resume, cancel, comm, device), printer)
+    summary = {
+        "checkpoint": str(args.out),
+        "method": args.method,
+        "volumes": len(data.volumes),
+        "slices": data.slice_count,
+        "steps": result.steps,
+        "final_loss": round(result.losses[-1], 4) if result.losses else None,
+        **{name: round(value, 4) for name, value in result.last_terms.items()},
+        "training_seconds": round(result.seconds, 1),
+    }
+    if result.stopped_by_budget:
+        summary["note"] = f"time budget reached; continue with --resume {args.out}"
+    return summary
+
+
+def _method_view_size(method: str) -> int:
+    from kaf.ssl import make_method
+
+    return make_method(method).config.view_size
 
 
 def _write_prediction(prediction, image: Volume, out, probabilities, uncertainty) -> None:

@@ -16,18 +16,23 @@ from kaf.checkpoints import build_model as model_from_metadata
 from kaf.intensity import IntensityNormalization, fit_normalization
 from kaf.jobs.finetune import Initialisation
 from kaf.keypoints import KeypointConfig
-from kaf.models import KafUNet, preset_config
+from kaf.models import KafUNet, ModelConfig, preset_config
 from kaf.preparation import PreparedVolume
 from kaf.slices import scale_for_max_side
 from kaf.volume_io import Volume, read_labels, read_volume
 
 
 def prepare_for_training(
-    volume: Volume, preset: str, slice_axis: int = 0, modality: str = "auto", max_side: int | None = None
+    volume: Volume,
+    preset: str | ModelConfig,
+    slice_axis: int = 0,
+    modality: str = "auto",
+    max_side: int | None = None,
 ) -> PreparedVolume:
+    """`preset`: a preset name or a model configuration (a checkpoint's own, for preset "custom").
+    `max_side` None means the model's input size; 0 keeps the native resolution."""
     normalization = fit_normalization(volume.array, modality, source=str(volume.source or "image"))
-    """`max_side` None means the preset's input size; 0 keeps the native resolution."""
-    config = preset_config(preset)
+    config = preset if isinstance(preset, ModelConfig) else preset_config(preset)
     keypoints = KeypointConfig(max_keypoints=config.max_keypoints)
     shape = np.moveaxis(volume.array, slice_axis, 0).shape[1:]
     scale = scale_for_max_side(shape, config.input_size if max_side is None else max_side)

@@ -29,6 +29,7 @@ class ProgressEvent:
     elapsed: float = 0.0  # seconds since the job started
     remaining: float | None = None  # estimated seconds left in this stage
     message: str = ""
+    terms: dict[str, float] | None = None  # each loss term by name, when the job has several
 
     def to_json(self) -> str:
         return json.dumps({"event": "progress", **asdict(self)})
@@ -63,12 +64,22 @@ class StageClock:
         self.stage_start = time.perf_counter()
 
     def event(
-        self, stage: str, step: int, total: int, loss: float | None = None, message: str = ""
+        self,
+        stage: str,
+        step: int,
+        total: int,
+        loss: float | None = None,
+        message: str = "",
+        terms: dict[str, float] | None = None,
+        first_step: int = 0,
     ) -> ProgressEvent:
+        """`first_step`: the step this stage started from (a resumed run), so the estimate uses only
+        the steps done in this run."""
         now = time.perf_counter()
         spent = now - self.stage_start
-        remaining = spent / step * (total - step) if step else None
-        return ProgressEvent(stage, step, total, loss, now - self.job_start, remaining, message)
+        done = step - first_step
+        remaining = spent / done * (total - step) if done > 0 else None
+        return ProgressEvent(stage, step, total, loss, now - self.job_start, remaining, message, terms)
 
 
 def drive(job: Job[Result], on_event: Callable[[ProgressEvent], None] | None = None) -> Result:

@@ -11,7 +11,13 @@ from monai.losses import DiceCELoss
 
 from kaf.annotation import SparseAnnotation
 from kaf.augment import AugmentationSettings, augment_batch
-from kaf.checkpoints import CheckpointMetadata, TransferReport, fingerprint_arrays, load_weights
+from kaf.checkpoints import (
+    CUSTOM_PRESET,
+    CheckpointMetadata,
+    TransferReport,
+    fingerprint_arrays,
+    load_weights,
+)
 from kaf.devices import autocast, grad_scaler, is_out_of_memory, out_of_memory_error, resolve_device
 from kaf.errors import InputDataError
 from kaf.jobs.events import CancelToken, Job, StageClock
@@ -19,7 +25,8 @@ from kaf.models import KafUNet, ModelConfig, preset_config
 from kaf.preparation import PreparedVolume
 from kaf.slices import take_slices
 
-PRETRAINED_GROUPS = ("encoder", "bottleneck")  # what the paper transfers from pretraining (METHODS.md A.5)
+# What KAF transfers from pretraining (METHODS.md A.5); a pretraining checkpoint names its own groups.
+PRETRAINED_GROUPS = ("encoder", "bottleneck")
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,24 @@ def build_model(config: ModelConfig, init: Initialisation | None) -> tuple[KafUN
     if init is None:
         return model, None
     same_model = init.metadata.model_config() == config
-    groups = None if same_model and init.metadata.method == "finetune" else PRETRAINED_GROUPS
+    groups = None if same_model and init.metadata.method == "finetune" else transfer_groups(init.metadata)
     return model, load_weights(model, init.state, groups, source=init.source)
+
+
+def model_config(preset: str, classes: int, init: Initialisation | None) -> ModelConfig:
+    """The preset's model, or with preset "custom" the architecture of the starting checkpoint."""
+    if preset != CUSTOM_PRESET:
+        return preset_config(preset, classes=classes)
+    if init is None:
+        raise InputDataError(
+            "preset 'custom' takes its architecture from a checkpoint: give one to start from"
+        )
+    return init.metadata.model_config().with_classes(classes)
+
+
+def transfer_groups(metadata: CheckpointMetadata) -> tuple[str, ...]:
+    """The parts of a pretrained checkpoint that fine-tuning takes: those its method transfers."""
+    return tuple(metadata.extra.get("transfer", PRETRAINED_GROUPS))
 
 
 def finetune(
@@ -93,9 +116,7 @@ def finetune(
     clock = StageClock()
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    config = preset_config(settings.preset, classes=annotation.classes)
-    if init is not None and settings.preset == "custom":
-        config = init.metadata.model_config().with_classes(annotation.classes)
+    config = model_config(settings.preset, annotation.classes, init)
     device = resolve_device(settings.device)
 
     indices = list(annotation.annotated)

@@ -58,9 +58,17 @@ class MultiHeadAttention(nn.Module):
         return tokens.view(batch, self.heads, dim // self.heads, count).transpose(2, 3)  # [B, h, N, dh]
 
     def forward(
-        self, tokens: torch.Tensor, mask: torch.Tensor, need_weights: bool = False
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        need_weights: bool = False,
+        source: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        query, key, value = (self._split(proj(tokens)) for proj in (self.query, self.key, self.value))
+        """Queries from `tokens`, keys and values from `source` (default: `tokens`, self-attention);
+        `mask` marks the valid keys."""
+        source = tokens if source is None else source
+        query = self._split(self.query(tokens))
+        key, value = self._split(self.key(source)), self._split(self.value(source))
         key_mask = mask[:, None, None, :]  # [B, 1, 1, N]: True = may be attended to
         weights = None
         if need_weights:
@@ -83,9 +91,16 @@ class AttentionBlock(nn.Module):
         self.mlp = TokenMLP([2 * dim, 2 * dim, dim])
 
     def forward(
-        self, tokens: torch.Tensor, mask: torch.Tensor, need_weights: bool = False
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor,
+        need_weights: bool = False,
+        source: torch.Tensor | None = None,
+        source_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        message, weights = self.attention(tokens, mask, need_weights)
+        """Self-attention, or cross-attention to `source` (with its mask) when given (KAF's matcher)."""
+        key_mask = mask if source is None else source_mask
+        message, weights = self.attention(tokens, key_mask, need_weights, source)
         return tokens + self.mlp(torch.cat([tokens, message], dim=1), mask), weights
 
 

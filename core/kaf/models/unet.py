@@ -18,10 +18,11 @@ SIDE_MULTIPLE = 2**LEVELS
 
 @dataclass
 class KafOutput:
-    logits: torch.Tensor  # [B, classes, H, W]
+    logits: torch.Tensor | None  # [B, classes, H, W]; None when decoding stopped early
     bottleneck: torch.Tensor  # [B, 32f, H/16, W/16] (16f for a plain UNet)
     tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # level -> [B, d, N]
     attention: dict[int, torch.Tensor] = field(default_factory=dict)  # level -> [B, heads, N, N]
+    decoder: list[torch.Tensor] = field(default_factory=list)  # decoder block outputs, strides 8, 4, 2, 1
 
 
 def zero_half(features: torch.Tensor) -> torch.Tensor:
@@ -87,8 +88,12 @@ class KafUNet(nn.Module):
         keypoints: torch.Tensor | None = None,
         keypoint_mask: torch.Tensor | None = None,
         return_attention: bool = False,
+        decode_until: int | None = None,
     ) -> KafOutput:
-        """image [B, 1, H, W] with H, W multiples of 16; keypoints [B, N, 2] (row, col) at full resolution."""
+        """image [B, 1, H, W] with H, W multiples of 16; keypoints [B, N, 2] (row, col) at full resolution.
+
+        `decode_until` = l stops after l decoder blocks (GCL's local stage); the logits are then None.
+        """
         if image.shape[-1] % SIDE_MULTIPLE or image.shape[-2] % SIDE_MULTIPLE:
             raise InputDataError(
                 f"the model needs slice sides divisible by 16, got {tuple(image.shape[-2:])}"
@@ -112,10 +117,21 @@ class KafUNet(nn.Module):
             skips.append(x)
         x = self.bottleneck(self.pool(x))
         output.bottleneck = x
-        for level, skip in zip(self.decoder, reversed(skips), strict=True):
+        blocks = len(self.decoder) if decode_until is None else decode_until
+        for level, skip in list(zip(self.decoder, reversed(skips), strict=True))[:blocks]:
             x = level(x, skip)
-        output.logits = self.head(x)
+            output.decoder.append(x)
+        output.logits = self.head(x) if blocks == len(self.decoder) else None
         return output
+
+    @property
+    def bottleneck_channels(self) -> int:
+        return self.bottleneck[2].out_channels
+
+    @property
+    def decoder_channels(self) -> list[int]:
+        """Channels of each decoder block's output, strides 8, 4, 2, 1."""
+        return [level.convs[-1][0].out_channels for level in self.decoder]
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """Named groups of parameter names, used for transfer and freezing."""

@@ -1,0 +1,439 @@
+"""The pretraining engine: one loop for every method, single process or DDP under torchrun.
+
+The method (kaf.ssl) builds batches, heads and losses; this module owns the model, optimiser, learning
+rate schedule, stages, mixed precision, checkpoints and resume. Checkpoints hold the backbone under its
+usual tensor names (so `kaf finetune --checkpoint` reads them), the method's heads under `ssl_heads.`,
+the optimiser state under `optimiser.`, and the step, stage and settings in the metadata. Since every
+batch item's randomness comes from (seed, step, item), the step number is the whole random state:
+a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kaf.checkpoints import CUSTOM_PRESET, CheckpointMetadata, in_groups, load_checkpoint, save_checkpoint
+from kaf.devices import autocast, grad_scaler, is_out_of_memory, out_of_memory_error, resolve_device
+from kaf.errors import CheckpointError, InputDataError, JobCancelled
+from kaf.jobs.events import CancelToken, Job, StageClock
+from kaf.jobs.finetune import default_label_names
+from kaf.keypoints import KeypointConfig
+from kaf.models import KafUNet, ModelConfig, preset_config
+from kaf.ssl import make_method
+from kaf.ssl.base import Communicator, OptimiserSettings, PretrainMethod, item_generators, to_device
+from kaf.ssl.data import PretrainData
+
+HEADS_PREFIX = "ssl_heads."
+OPTIMISER_PREFIX = "optimiser."
+DEFAULT_STEPS = 1000  # per stage, when neither steps nor epochs are given
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    method: str = "kaf"
+    preset: str = "interactive"
+    backbone: str = "kaf"  # "kaf": the preset's KAF UNet; "unet": the plain UNet(c1) of the same width
+    steps: int | None = None  # per stage
+    epochs: float | None = None  # per stage; one epoch = as many items as the data has slices / 2
+    batch_size: int | None = None  # items per step over all ranks (default: the method's)
+    learning_rate: float | None = None  # default: the method's
+    view_size: int | None = None  # default: the method's
+    seed: int = 0
+    device: str = "auto"
+    time_budget: float | None = None  # seconds for the whole run; stops after the step that passes it
+    save_every: int = 500  # steps between checkpoints (always at the end)
+
+    def __post_init__(self) -> None:
+        if self.backbone not in ("kaf", "unet"):
+            raise InputDataError(f"backbone must be 'kaf' or 'unet', got '{self.backbone}'")
+        if self.steps is not None and self.epochs is not None:
+            raise InputDataError("give the length as steps or as epochs, not both")
+        for name in ("steps", "batch_size", "view_size", "save_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputDataError(f"{name} must be at least 1, got {value}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise InputDataError(f"epochs must be positive, got {self.epochs}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise InputDataError(f"the learning rate must be positive, got {self.learning_rate}")
+
+    def model_config(self) -> ModelConfig:
+        config = preset_config(self.preset)
+        return config if self.backbone == "kaf" else config.plain_unet()
+
+    def method_overrides(self) -> dict:
+        return {} if self.view_size is None else {"view_size": self.view_size}
+
+
+@dataclass
+class ResumePoint:
+    """Where a checkpoint stopped: its tensors and metadata, stage index and steps done in that stage."""
+
+    state: dict[str, torch.Tensor]
+    metadata: CheckpointMetadata
+    stage: int
+    step: int
+    source: str
+
+
+@dataclass
+class PretrainResult:
+    path: Path
+    stages: list[str]
+    steps: int  # optimiser steps done in this run
+    losses: list[float]
+    last_terms: dict[str, float]
+    seconds: float
+    stopped_by_budget: bool
+
+
+class PretrainNetwork(nn.Module):
+    """Backbone + heads as one module, whose forward is the method's loss (what DDP wraps)."""
+
+    def __init__(self, model: KafUNet, heads: nn.ModuleDict, method: PretrainMethod, comm: Communicator):
+        super().__init__()
+        self.model = model
+        self.heads = heads
+        self.method = method
+        self.comm = comm
+
+    def forward(self, batch, stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.method.loss(self.model, self.heads, batch, stage, self.comm)
+
+
+def communicator_from_environment(device: torch.device) -> Communicator:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Communicator()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Communicator(dist.get_rank(), dist.get_world_size())
+
+
+def rank_device(name: str) -> torch.device:
+    """The device for this process: under torchrun each rank takes the GPU of its LOCAL_RANK."""
+    device = resolve_device(name)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ and device.index is None:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
+def read_resume_point(path: str | Path, method: str, model_config: ModelConfig) -> ResumePoint:
+    state, metadata = load_checkpoint(path)
+    progress = metadata.extra.get("pretrain")
+    if not isinstance(progress, dict):
+        raise CheckpointError(
+            f"{path} is not a pretraining checkpoint (made by '{metadata.method}'), so it cannot be resumed"
+        )
+    if metadata.method != method:
+        raise CheckpointError(
+            f"{path} was pretrained with method '{metadata.method}', not '{method}'; resume it with "
+            f"--method {metadata.method}"
+        )
+    if metadata.model_config() != model_config:
+        raise CheckpointError(
+            f"{path} holds a model of another preset or backbone (preset '{metadata.preset}'); resume it "
+            "with the preset and backbone it was made with"
+        )
+    return ResumePoint(state, metadata, int(progress["stage"]), int(progress["stage_step"]), str(path))
+
+
+def steps_per_stage(
+    settings: PretrainSettings, data: PretrainData, method: PretrainMethod, batch: int
+) -> int:
+    if settings.steps is not None:
+        return settings.steps
+    if settings.epochs is None:
+        return DEFAULT_STEPS
+    items_per_epoch = data.slice_count / method.slices_per_item
+    return max(1, math.ceil(settings.epochs * items_per_epoch / batch))
+
+
+def learning_rate(optimiser: OptimiserSettings, base: float, step: int, total: int) -> float:
+    """Linear warm-up over warmup_fraction of the steps, then constant or cosine per step (METHODS.md A.6)."""
+    warmup = int(optimiser.warmup_fraction * total)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if optimiser.schedule == "constant":
+        return base
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = optimiser.final_learning_rate
+    return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimiser(
+    parameters: list[nn.Parameter], settings: OptimiserSettings, base: float
+) -> torch.optim.Optimizer:
+    if settings.kind == "sgd":
+        return torch.optim.SGD(
+            parameters, lr=base, momentum=settings.momentum, weight_decay=settings.weight_decay
+        )
+    if settings.kind == "adam":
+        return torch.optim.Adam(parameters, lr=base, weight_decay=settings.weight_decay)
+    raise InputDataError(f"unknown optimiser '{settings.kind}'")
+
+
+def set_stage_trainable(network: PretrainNetwork, groups: tuple[str, ...]) -> list[tuple[str, nn.Parameter]]:
+    """Backbone groups of this stage and all heads train; the rest is frozen, with its BatchNorm
+    statistics too (GCL's local stage: METHODS.md B.3, our choice). PGL's EMA target stays frozen."""
+    trainable = []
+    for name, parameter in network.model.named_parameters():
+        parameter.requires_grad_(in_groups(name, groups))
+    for module_name, module in network.model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train(in_groups(f"{module_name}.weight", groups))
+    for name, parameter in network.named_parameters():
+        if parameter.requires_grad:
+            trainable.append((name, parameter))
+    return trainable
+
+
+def optimiser_tensors(
+    optimiser: torch.optim.Optimizer, names: dict[nn.Parameter, str]
+) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for parameter, values in optimiser.state.items():
+        for key, value in values.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"{OPTIMISER_PREFIX}{names[parameter]}.{key}"] = tensor
+    return tensors
+
+
+def restore_optimiser(
+    optimiser: torch.optim.Optimizer,
+    trainable: list[tuple[str, nn.Parameter]],
+    state: dict[str, torch.Tensor],
+) -> None:
+    for name, parameter in trainable:
+        prefix = f"{OPTIMISER_PREFIX}{name}."
+        values = {key[len(prefix) :]: tensor for key, tensor in state.items() if key.startswith(prefix)}
+        if values:
+            # Adam keeps its step count on the CPU; moments live with the parameter
+            optimiser.state[parameter] = {
+                key: tensor if key == "step" else tensor.to(parameter.device)
+                for key, tensor in values.items()
+            }
+
+
+def pretrain(
+    data: PretrainData,
+    settings: PretrainSettings,
+    out: str | Path,
+    resume: ResumePoint | None = None,
+    cancel: CancelToken | None = None,
+    comm: Communicator | None = None,
+    device: torch.device | None = None,
+    model_config: ModelConfig | None = None,
+) -> Job[PretrainResult]:
+    """`model_config` replaces the preset's backbone (tests and benchmarks use small ones)."""
+    cancel = cancel or CancelToken()
+    device = device or rank_device(settings.device)
+    comm = comm or Communicator()
+    clock = StageClock()
+    method = make_method(settings.method, **settings.method_overrides())
+    config = model_config or settings.model_config()
+    torch.manual_seed(settings.seed)
+    model = KafUNet(config)
+    heads = method.build_heads(model)
+    network = PretrainNetwork(model, heads, method, comm)
+    if resume is not None:
+        _load_network(network, resume)
+    network.to(device)
+    optimiser_settings = method.optimiser()
+    base_rate = settings.learning_rate or optimiser_settings.learning_rate
+    losses: list[float] = []
+    terms: dict[str, float] = {}
+    started = time.perf_counter()
+    first_stage = resume.stage if resume else 0
+    batches = [settings.batch_size or method.batch_size(stage) for stage in method.stages]
+    for batch in batches:
+        if batch % comm.world_size:
+            raise InputDataError(
+                f"the batch size {batch} must be divisible by the {comm.world_size} processes"
+            )
+    totals = [steps_per_stage(settings, data, method, batch) for batch in batches]
+    for stage_index in range(first_stage, len(method.stages)):
+        stage = method.stages[stage_index]
+        batch = batches[stage_index]
+        local_batch = batch // comm.world_size
+        total = totals[stage_index]
+        first_step = resume.step if resume and stage_index == resume.stage else 0
+        network.train()
+        trainable = set_stage_trainable(network, method.trainable_groups(stage))
+        optimiser = make_optimiser([p for _, p in trainable], optimiser_settings, base_rate)
+        if resume is not None and stage_index == resume.stage:
+            restore_optimiser(optimiser, trainable, resume.state)
+        names = {parameter: name for name, parameter in trainable}
+        wrapped = _wrap(network, comm, device)
+        scaler = grad_scaler(device)
+        clock.start_stage()
+        label = f"pretrain {method.name}" + (f" ({stage})" if len(method.stages) > 1 else "")
+        yield clock.event(label, first_step, total, message=f"{batch} items per step on {device}")
+        for step in range(first_step, total):
+            if cancel.cancelled:
+                raise JobCancelled(
+                    f"pretraining stopped by the user at step {step} of {total}; {out} keeps its last "
+                    f"complete save (every {settings.save_every} steps), which --resume continues"
+                )
+            generators = item_generators(
+                settings.seed, sum(totals[:stage_index]) + step, comm.rank * local_batch, local_batch
+            )
+            items = to_device(method.make_batch(data, generators, stage, model.uses_keypoints), device)
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate(optimiser_settings, base_rate, step, total)
+            loss, step_terms = _train_step(
+                wrapped, optimiser, scaler, optimiser_settings, items, stage, device
+            )
+            method.on_after_step(heads, model, (step + 1) / total)
+            value = float(loss)
+            if not np.isfinite(value):
+                raise InputDataError(
+                    f"the {method.name} loss became {value} at step {step + 1}: lower the learning rate"
+                )
+            losses.append(value)
+            terms = {name: float(term) for name, term in step_terms.items()}
+            yield clock.event(label, step + 1, total, value, terms=terms, first_step=first_step)
+            over_budget = (
+                settings.time_budget is not None and time.perf_counter() - started >= settings.time_budget
+            )
+            finished_stage = step + 1 == total
+            if (step + 1) % settings.save_every == 0 or finished_stage or over_budget:
+                _save(
+                    out,
+                    network,
+                    optimiser,
+                    names,
+                    settings,
+                    method,
+                    data,
+                    stage_index,
+                    step + 1,
+                    totals,
+                    comm,
+                )
+            if over_budget:
+                message = f"time budget of {settings.time_budget:g} s reached; resume with --resume {out}"
+                yield clock.event(label, step + 1, total, value, message=message, terms=terms)
+                return PretrainResult(
+                    Path(out),
+                    list(method.stages),
+                    len(losses),
+                    losses,
+                    terms,
+                    time.perf_counter() - started,
+                    True,
+                )
+    return PretrainResult(
+        Path(out), list(method.stages), len(losses), losses, terms, time.perf_counter() - started, False
+    )
+
+
+def _wrap(network: PretrainNetwork, comm: Communicator, device: torch.device) -> nn.Module:
+    if comm.world_size == 1:
+        return network
+    device_ids = [device.index] if device.type == "cuda" else None
+    # Not every head takes part in every stage (GCL), so unused parameters are expected.
+    return DistributedDataParallel(network, device_ids=device_ids, find_unused_parameters=True)
+
+
+def _train_step(wrapped, optimiser, scaler, settings: OptimiserSettings, items, stage: str, device):
+    try:
+        with autocast(device):
+            loss, terms = wrapped(items, stage)
+        optimiser.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if settings.gradient_clip is not None:
+            scaler.unscale_(optimiser)
+            parameters = [p for group in optimiser.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(parameters, settings.gradient_clip)
+        scaler.step(optimiser)
+        scaler.update()
+    except RuntimeError as error:
+        if is_out_of_memory(error):
+            raise out_of_memory_error(device, "pretraining") from error
+        raise
+    return loss.detach(), {name: term.detach() for name, term in terms.items()}
+
+
+def _load_network(network: PretrainNetwork, resume: ResumePoint) -> None:
+    backbone = {
+        name: t for name, t in resume.state.items() if not name.startswith((HEADS_PREFIX, OPTIMISER_PREFIX))
+    }
+    heads = {
+        name[len(HEADS_PREFIX) :]: t for name, t in resume.state.items() if name.startswith(HEADS_PREFIX)
+    }
+    try:
+        network.model.load_state_dict(backbone)
+        network.heads.load_state_dict(heads)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{resume.source} does not fit this method's model and heads ({error})"
+        ) from error
+
+
+def _save(
+    out, network, optimiser, names, settings, method, data, stage_index, stage_step, totals, comm
+) -> None:
+    total = totals[stage_index]
+    if comm.rank != 0:
+        return
+    state = dict(network.model.state_dict())
+    state.update({HEADS_PREFIX + name: t for name, t in network.heads.state_dict().items()})
+    state.update(optimiser_tensors(optimiser, names))
+    config = network.model.config
+    metadata = CheckpointMetadata(
+        preset=settings.preset if config == preset_config(settings.preset) else CUSTOM_PRESET,
+        model=config.to_dict(),
+        method=method.name,
+        label_names=default_label_names(config.classes),
+        normalization=None,  # per-volume z-score (METHODS.md A.6); fine-tuning fits its own
+        keypoints=KeypointConfig(max_keypoints=config.max_keypoints).to_dict(),
+        steps=sum(totals[:stage_index]) + stage_step,
+        data_fingerprint=data.fingerprint(),
+        extra={
+            "transfer": list(method.transfer_groups()),
+            "pretrain": {
+                "stage": stage_index if stage_step < total else stage_index + 1,
+                "stage_step": stage_step if stage_step < total else 0,
+                "stages": list(method.stages),
+                "steps_per_stage": totals,
+                "settings": asdict(settings),
+                "method_config": _jsonable(asdict(method.config)),
+                "world_size": comm.world_size,
+                "volumes": [volume.name for volume in data.volumes],
+            },
+        },
+    )
+    save_checkpoint(out, state, metadata)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def with_resume_defaults(settings: PretrainSettings, resume: ResumePoint) -> PretrainSettings:
+    """The resumed run keeps the checkpoint's seed, and its length, batch, rate and view size wherever
+    the user did not give new ones."""
+    saved = resume.metadata.extra["pretrain"]["settings"]
+    keep = ("steps", "epochs", "batch_size", "learning_rate", "view_size")
+    filled = {key: saved.get(key) for key in keep if getattr(settings, key) is None}
+    if settings.steps is not None or settings.epochs is not None:
+        filled.pop("steps", None)
+        filled.pop("epochs", None)
+    return replace(settings, seed=saved.get("seed", settings.seed), **filled)
