@@ -31,7 +31,9 @@ from kaf.ssl import METHODS, make_method
 from kaf.ssl.data import load_pretrain_data, volumes_from_arrays
 
 ACDC = Path(__file__).resolve().parents[2] / "shared" / "data" / "acdc" / "images"
-BATCH = {"interactive": 8, "paper-acdc": 2, "paper-chd": 2}  # items per step
+BATCH = {"interactive": 8, "paper-acdc": 2, "paper-chd": 2}  # items per step (pairs, slices)
+# A GCL item is a whole group of 2 sets x 3 volumes x 4 partitions (48 images): one per step, as the paper.
+GROUP_METHODS = {"gcl": 1}
 VIEW = {"interactive": 128, "paper-acdc": 352, "paper-chd": 512}
 
 
@@ -52,12 +54,13 @@ def measure(method: str, preset: str, device: str, steps: int, threads: int) -> 
     torch.set_num_threads(threads)
     backbone = "kaf" if method == "kaf" else "unet"
     view = VIEW[preset]
+    items = GROUP_METHODS.get(method, BATCH[preset])
     settings = PretrainSettings(
         method=method,
         preset=preset,
         backbone=backbone,
         steps=steps + 1,
-        batch_size=BATCH[preset],
+        batch_size=items,
         view_size=view,
         device=device,
         save_every=10**9,
@@ -84,14 +87,14 @@ def measure(method: str, preset: str, device: str, steps: int, threads: int) -> 
     out.unlink(missing_ok=True)
     stages = len(make_method(method).stages)
     step_seconds = float(np.mean(times[1 : steps + 1]))  # the first step warms up
-    slices = BATCH[preset] * make_method(method).slices_per_item
+    slices = items * make_method(method).slices_per_item
     peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     return {
         "method": method,
         "preset": preset,
         "backbone": backbone,
         "stages": stages,
-        "items": BATCH[preset],
+        "items": items,
         "view": view,
         "step_seconds": step_seconds,
         "slices_per_second": slices / step_seconds,

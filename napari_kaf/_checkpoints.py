@@ -1,16 +1,11 @@
-"""The checkpoint menu: shipped checkpoints (a registry), or a file the user picks.
-
-No pretrained KAF checkpoint ships yet, so "default" starts from random weights. To ship one, put the
-safetensors file under core/kaf/weights/ (it is package data) and give its entry a `resource` name:
-the menu, the settings and the fine-tune job pick it up from here.
-"""
+"""The checkpoint menu: the shipped default (kaf.default_weights), random initialisation, or a file."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
+from kaf.default_weights import shipped_checkpoint
 from kaf.errors import CheckpointError
 
 FILE_CHOICE = "file"
@@ -20,15 +15,14 @@ FILE_CHOICE = "file"
 class ShippedCheckpoint:
     key: str
     label: str
-    resource: str | None  # file name under kaf/weights/, or None for random initialisation
+    shipped: bool  # True: the package's default checkpoint; False: random initialisation
 
 
 SHIPPED_CHECKPOINTS: dict[str, ShippedCheckpoint] = {
     "default": ShippedCheckpoint(
-        key="default",
-        label="Default: random initialisation (no pretrained KAF weights ship yet)",
-        resource=None,
+        key="default", label="Default: KAF-pretrained (MSD hippocampus MRI, shipped)", shipped=True
     ),
+    "random": ShippedCheckpoint(key="random", label="Random initialisation", shipped=False),
 }
 DEFAULT_CHOICE = "default"
 
@@ -51,6 +45,4 @@ def checkpoint_path(choice: str, file_path: str = "") -> Path | None:
         raise CheckpointError(
             f"unknown checkpoint '{choice}'; choose one of {', '.join(SHIPPED_CHECKPOINTS)}"
         )
-    if shipped.resource is None:
-        return None
-    return Path(str(resources.files("kaf") / "weights" / shipped.resource))
+    return shipped_checkpoint() if shipped.shipped else None

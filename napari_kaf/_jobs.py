@@ -7,6 +7,7 @@ Each is a generator that yields the core's `ProgressEvent`s (the Stop point) and
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from kaf.models import KafUNet
 from kaf.preparation import PreparedVolume
 from kaf.volume_io import Volume
 from kaf.workflow import (
+    adapt_to_image,
     load_finetuned_model,
     load_initialisation,
     prepare_for_inference,
@@ -85,7 +87,10 @@ def finetune_task(
     checkpoint: Path | None,
     cancel: CancelToken,
     threads: int | None = None,
+    adapt_seconds: float | None = None,
 ) -> Events:
+    """Fine-tune; with `adapt_seconds`, first adapt the starting weights to this image by a short
+    self-supervised KAF pretraining on it (no labels used)."""
     _use_threads(threads)
     yield ProgressEvent(
         "prepare", 0, 1, message="loading the checkpoint" if checkpoint else "preparing the image"
@@ -93,6 +98,11 @@ def finetune_task(
     init = load_initialisation(checkpoint, settings.preset) if checkpoint is not None else None
     cancel.raise_if_cancelled("fine-tuning")
     prepared = prepare_for_training(volume, settings.preset, annotation.slice_axis)
+    if adapt_seconds:
+        with tempfile.TemporaryDirectory(prefix="kaf-adapt-") as work_dir:
+            init = yield from adapt_to_image(
+                prepared, settings.preset, init, adapt_seconds, work_dir, settings.device, cancel
+            )
     result = yield from finetune(prepared, annotation, settings, init, None, cancel)
     return TrainedModel(result, prepared)
 
@@ -119,11 +129,6 @@ def predict_task(
             )
         yield ProgressEvent("prepare", 0, 1, message=f"loading {checkpoint.name}")
         model, metadata = load_finetuned_model(checkpoint)
-        if metadata.method != "finetune":
-            raise CheckpointError(
-                f"{checkpoint} holds pretrained weights ('{metadata.method}'), not a fine-tuned model: "
-                "fine-tune from it first, then predict."
-            )
         loaded = True
     if prepared is None:
         prepared = prepare_for_inference(volume, metadata)

@@ -19,6 +19,8 @@ DEFAULTS: dict[str, Any] = {
     "time_budget": 60,
     "batch_size": 4,
     "crop_size": 128,
+    "adapt": False,
+    "adapt_seconds": 60,
     "predict_after": True,
     "show_uncertainty": True,
     "level": 1,

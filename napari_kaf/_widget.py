@@ -90,6 +90,14 @@ def out_of_slice_kwargs() -> dict[str, Any]:
     return {"out_of_slice_display": True}
 
 
+def _side_by_side(switch: QCheckBox, amount: QSpinBox) -> QHBoxLayout:
+    """A check box that enables an option and the spin box that sets its amount, on one form row."""
+    row = QHBoxLayout()
+    row.addWidget(switch)
+    row.addWidget(amount, 1)
+    return row
+
+
 def describe_event(event: ProgressEvent) -> str:
     """One line for the progress bar and the status label."""
     if event.stage == "finetune":
@@ -210,10 +218,7 @@ class KafWidget(QWidget):
         self.time_budget_spin = QSpinBox()
         self.time_budget_spin.setRange(1, 36_000)
         self.time_budget_spin.setSuffix(" s")
-        row = QHBoxLayout()
-        row.addWidget(self.time_budget_check)
-        row.addWidget(self.time_budget_spin, 1)
-        form.addRow("Time budget", row)
+        form.addRow("Time budget", _side_by_side(self.time_budget_check, self.time_budget_spin))
         self.batch_spin = QSpinBox()
         self.batch_spin.setRange(1, 64)
         form.addRow("Batch size", self.batch_spin)
@@ -222,6 +227,14 @@ class KafWidget(QWidget):
         self.crop_spin.setSingleStep(16)
         self.crop_spin.setToolTip("Training crop side in pixels (a multiple of 16)")
         form.addRow("Crop size", self.crop_spin)
+        self.adapt_check = QCheckBox("Adapt to this image first for")
+        self.adapt_check.setToolTip(
+            "A short self-supervised KAF pretraining on the open image (no labels) before fine-tuning"
+        )
+        self.adapt_spin = QSpinBox()
+        self.adapt_spin.setRange(5, 36_000)
+        self.adapt_spin.setSuffix(" s")
+        form.addRow("Adapt", _side_by_side(self.adapt_check, self.adapt_spin))
         self.predict_after_check = QCheckBox("Predict the volume when done")
         form.addRow(self.predict_after_check)
         self.finetune_button = QPushButton("Fine-tune")
@@ -310,6 +323,8 @@ class KafWidget(QWidget):
         self.time_budget_spin.setValue(s.get("time_budget"))
         self.batch_spin.setValue(s.get("batch_size"))
         self.crop_spin.setValue(s.get("crop_size"))
+        self.adapt_check.setChecked(s.get("adapt"))
+        self.adapt_spin.setValue(s.get("adapt_seconds"))
         self.predict_after_check.setChecked(s.get("predict_after"))
         self.uncertainty_check.setChecked(s.get("show_uncertainty"))
         self._select_data(self.level_combo, s.get("level"))
@@ -336,6 +351,8 @@ class KafWidget(QWidget):
         self.time_budget_spin.valueChanged.connect(lambda value: s.set("time_budget", value))
         self.batch_spin.valueChanged.connect(lambda value: s.set("batch_size", value))
         self.crop_spin.valueChanged.connect(lambda value: s.set("crop_size", value))
+        self.adapt_check.toggled.connect(lambda value: s.set("adapt", value))
+        self.adapt_spin.valueChanged.connect(lambda value: s.set("adapt_seconds", value))
         self.predict_after_check.toggled.connect(lambda value: s.set("predict_after", value))
         self.uncertainty_check.toggled.connect(lambda value: s.set("show_uncertainty", value))
         self.level_combo.currentIndexChanged.connect(
@@ -441,6 +458,9 @@ class KafWidget(QWidget):
 
     def chosen_checkpoint(self) -> Any:
         return checkpoint_path(self.checkpoint_combo.currentData(), self.checkpoint_edit.text())
+
+    def adapt_seconds(self) -> float | None:
+        return float(self.adapt_spin.value()) if self.adapt_check.isChecked() else None
 
     def finetune_settings(self) -> FinetuneSettings:
         return FinetuneSettings(
@@ -659,7 +679,7 @@ class KafWidget(QWidget):
         return self._start_job(
             "fine-tuning",
             _jobs.finetune_task,
-            (volume, annotation, settings, checkpoint, cancel, torch.get_num_threads()),
+            (volume, annotation, settings, checkpoint, cancel, torch.get_num_threads(), self.adapt_seconds()),
             self._on_trained,
             self.finetune_button,
             image_layer,

@@ -206,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--labels", help="reference labels of --image, used to annotate 2 slices and to score")
     demo.add_argument("--out", default="kaf-demo-output", help="output folder (default: ./kaf-demo-output)")
     demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 150)")
-    demo.add_argument("--checkpoint", help="start from this checkpoint instead of the default")
+    demo.add_argument(
+        "--checkpoint",
+        default="default",
+        help="start from this checkpoint (default: the shipped KAF-pretrained weights; 'random': none)",
+    )
     demo.add_argument(
         "--no-viewer", action="store_true", help="do not open napari even when a display is available"
     )
@@ -273,6 +277,10 @@ def add_pretrain_parser(commands) -> None:
         help="side of the training views, a multiple of 16 (default 128)",
     )
     pretrain.add_argument("--resume", help="continue this pretraining checkpoint exactly where it stopped")
+    pretrain.add_argument(
+        "--checkpoint",
+        help="start the backbone from this checkpoint's transferred weights ('default': the shipped ones)",
+    )
     pretrain.add_argument(
         "--time-budget", type=float, default=None, help="stop (and save) after this many seconds"
     )

@@ -5,9 +5,12 @@ Each takes (args, printer, cancel, run) and returns a dict summary that the CLI 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import subprocess
 import sys
+import warnings
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -56,6 +59,9 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError as error:
         raise InputDataError(f"{what} must be comma-separated integers, got '{text}'") from error
+
+
+RANDOM_INIT = "random"
 
 
 def _warn_on_cpu(device_name: str) -> None:
@@ -108,6 +114,9 @@ def pretrain(args, printer, cancel, run) -> dict:
     settings = engine.PretrainSettings(
         **{f.name: getattr(args, f.name) for f in fields(engine.PretrainSettings)}
     )
+    if args.resume and args.checkpoint:
+        raise InputDataError("--resume continues a run with its own weights: leave out --checkpoint")
+    start = load_initialisation(args.checkpoint, settings.preset) if args.checkpoint else None
     resume = None
     if args.resume:
         resume = engine.read_resume_point(args.resume, args.method, settings.model_config())
@@ -123,17 +132,21 @@ def pretrain(args, printer, cancel, run) -> dict:
         )
     config = settings.model_config()
     view_size = settings.view_size or _method_view_size(args.method)
-    data = load_pretrain_data(
-        args.data,
-        input_size=config.input_size,
-        min_side=view_size // 2,
-        keypoints=KeypointConfig(max_keypoints=config.max_keypoints),
-        slice_axis=args.slice_axis,
-        modality=args.modality,
-    )
+    with warnings.catch_warnings():  # each skipped file is printed once below, without Python's decoration
+        warnings.simplefilter("ignore", UserWarning)
+        data = load_pretrain_data(
+            args.data,
+            input_size=config.input_size,
+            min_side=view_size // 2,
+            keypoints=KeypointConfig(max_keypoints=config.max_keypoints),
+            slice_axis=args.slice_axis,
+            modality=args.modality,
+        )
     for message in data.skipped:
         print(f"kaf: warning: {message}", file=sys.stderr, flush=True)
-    result = run(engine.pretrain(data, settings, args.out, resume, cancel, comm, device), printer)
+    result = run(
+        engine.pretrain(data, settings, args.out, resume, cancel, comm, device, start=start), printer
+    )
     summary = {
         "checkpoint": str(args.out),
         "method": args.method,
@@ -255,7 +268,7 @@ def demo(args, printer, cancel, run) -> dict:
     annotation = sparse_annotation(sparse, 0, annotated, classes)
     settings = _settings(args)
     _warn_on_cpu(args.device)
-    init = load_initialisation(args.checkpoint, settings.preset) if args.checkpoint else None
+    init = None if args.checkpoint == RANDOM_INIT else load_initialisation(args.checkpoint, settings.preset)
     prepared = prepare_for_training(image, settings.preset)
     result = run(finetune_job(prepared, annotation, settings, init, names, cancel), printer)
     prediction = run(predict_job(result.model, prepared, args.device, 4, cancel), printer)
@@ -280,6 +293,7 @@ def demo(args, printer, cancel, run) -> dict:
             zip(result.metadata.label_names[1:], [round(float(v), 4) for v in per_class], strict=True)
         ),
         "copy_nearest_slice_dice": round(copy_dice, 4),
+        "initialised_from": result.transfer.summary() if result.transfer else "random initialisation",
         "training_seconds": round(result.seconds, 1),
         "checkpoint": str(checkpoint),
         "segmentation": str(out / "segmentation.nii.gz"),
@@ -288,5 +302,15 @@ def demo(args, printer, cancel, run) -> dict:
     with replace_atomically(out / "summary.json") as temporary:
         temporary.write_text(json.dumps(summary, indent=2))
     if not args.no_viewer and os.environ.get("DISPLAY"):
-        summary["viewer"] = "napari plugin not installed yet; open the files above in any NIfTI viewer"
+        summary["viewer"] = _open_viewer(out)
     return summary
+
+
+def _open_viewer(out: Path) -> str:
+    """napari with the outputs loaded, in its own process (the core imports no GUI)."""
+    if importlib.util.find_spec("napari") is None:
+        return (
+            "napari is not installed (pip install -e '.[napari]'); open the files above in any NIfTI viewer"
+        )
+    subprocess.Popen([sys.executable, "-m", "napari_kaf.show_demo", str(out)], start_new_session=True)
+    return "opened in napari"

@@ -13,12 +13,17 @@ import numpy as np
 from kaf.annotation import SparseAnnotation, sparse_annotation
 from kaf.checkpoints import CheckpointMetadata, check_compatible, load_checkpoint, load_weights
 from kaf.checkpoints import build_model as model_from_metadata
+from kaf.default_weights import resolve_checkpoint
+from kaf.errors import CheckpointError
 from kaf.intensity import IntensityNormalization, fit_normalization
+from kaf.jobs.events import CancelToken, Job
 from kaf.jobs.finetune import Initialisation
+from kaf.jobs.pretrain import PretrainSettings, pretrain
 from kaf.keypoints import KeypointConfig
 from kaf.models import KafUNet, ModelConfig, preset_config
 from kaf.preparation import PreparedVolume
 from kaf.slices import scale_for_max_side
+from kaf.ssl.data import volumes_from_arrays
 from kaf.volume_io import Volume, read_labels, read_volume
 
 
@@ -65,6 +70,8 @@ def read_annotation(
 
 
 def load_initialisation(path: str | Path, preset: str | None) -> Initialisation:
+    """Weights to start fine-tuning from: a checkpoint file, or 'default' for the shipped one."""
+    path = resolve_checkpoint(path)
     state, metadata = load_checkpoint(path)
     check_compatible(metadata, preset, path)
     return Initialisation(state, metadata, str(path))
@@ -72,6 +79,11 @@ def load_initialisation(path: str | Path, preset: str | None) -> Initialisation:
 
 def load_finetuned_model(path: str | Path) -> tuple[KafUNet, CheckpointMetadata]:
     state, metadata = load_checkpoint(path)
+    if metadata.method != "finetune":
+        raise CheckpointError(
+            f"{path} holds pretrained weights ('{metadata.method}'), not a fine-tuned model: fine-tune from "
+            "it first, then predict."
+        )
     model = model_from_metadata(metadata)
     load_weights(model, state, None, source=str(path))
     return model.eval(), metadata
@@ -79,3 +91,37 @@ def load_finetuned_model(path: str | Path) -> tuple[KafUNet, CheckpointMetadata]
 
 def open_image(path: str | Path) -> Volume:
     return read_volume(path)
+
+
+ADAPT_STEP_CAP = 100_000  # the time budget, not the step count, ends an adaptation
+ADAPT_BATCH = 8
+
+
+def adapt_to_image(
+    prepared: PreparedVolume,
+    preset: str,
+    init: Initialisation | None,
+    time_budget: float,
+    work_dir: str | Path,
+    device: str = "auto",
+    cancel: CancelToken | None = None,
+) -> Job[Initialisation]:
+    """A short KAF self-supervised pretraining on the open image itself (napari's Adapt), starting from
+    `init`, for `time_budget` seconds; returns the adapted weights to fine-tune from. The checkpoint is
+    written under `work_dir`."""
+    images = prepared.model_images(range(prepared.slice_count))[:, 0].numpy()
+    side = min(images.shape[1:])
+    settings = PretrainSettings(
+        method="kaf",
+        preset=preset,
+        steps=ADAPT_STEP_CAP,
+        batch_size=ADAPT_BATCH,
+        view_size=min(128, side - side % 16),
+        device=device,
+        time_budget=time_budget,
+        save_every=ADAPT_STEP_CAP,
+    )
+    data = volumes_from_arrays([images], prepared.keypoint_config.max_keypoints)
+    out = Path(work_dir) / "adapted.safetensors"
+    yield from pretrain(data, settings, out, cancel=cancel, start=init)
+    return load_initialisation(out, preset)

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import save_nifti, synthetic_volume
 from safetensors.torch import load_file, save_file
 from ssl_support import tiny_model
+from volume_factory import save_nifti, synthetic_volume
 
 from kaf.annotation import sparse_annotation
 from kaf.checkpoints import load_checkpoint

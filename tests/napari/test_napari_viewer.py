@@ -173,3 +173,38 @@ def _left():
     from qtpy.QtCore import Qt
 
     return Qt.MouseButton.LeftButton
+
+
+def test_demo_outputs_open_in_napari_with_the_widget(tmp_path, monkeypatch, plugins, make_napari_viewer):
+    """`kaf demo` opens its folder through `python -m napari_kaf.show_demo`: image, uncertainty, reference,
+    annotation and prediction layers on the image's grid, and the KAF Segment dock widget."""
+    import napari
+
+    from kaf.volume_io import Volume, write_labels, write_volume
+    from napari_kaf import show_demo
+    from napari_kaf._sample_data import synthetic_volume
+
+    volume, labels = synthetic_volume()
+    write_volume(volume.array, volume.affine, tmp_path / "image.nii.gz")
+    write_volume(np.zeros_like(volume.array), volume.affine, tmp_path / "uncertainty.nii.gz")
+    annotation = np.zeros_like(labels)
+    annotation[[3, 9]] = labels[[3, 9]]
+    image = Volume(volume.array, volume.affine)
+    for name, array in (("reference", labels), ("annotation", annotation), ("segmentation", labels)):
+        write_labels(array, image, tmp_path / f"{name}.nii.gz")
+    viewers = []
+    monkeypatch.setattr(
+        napari, "Viewer", lambda **kwargs: viewers.append(make_napari_viewer(**kwargs)) or viewers[-1]
+    )
+    monkeypatch.setattr(napari, "run", lambda: None)
+    show_demo.show(tmp_path)
+    viewer = viewers[0]
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["image", "kaf:uncertainty", "reference", "kaf:annotation", "kaf:prediction"]
+    assert np.array_equal(viewer.layers["kaf:prediction"].data, labels)
+    assert viewer.dims.current_step[0] == 3  # the first annotated slice
+    assert any(
+        isinstance(widget, KafWidget)
+        for widget in viewer.window._dock_widgets.values()
+        for widget in [widget.widget()]
+    )

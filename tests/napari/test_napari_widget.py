@@ -87,8 +87,9 @@ def test_devices_and_cpu_warning(make_widget):
 def test_checkpoint_menu_has_a_labelled_default_and_a_file_choice(make_widget):
     widget = make_widget()
     keys = [widget.checkpoint_combo.itemData(i) for i in range(widget.checkpoint_combo.count())]
-    assert keys == ["default", "file"]
-    assert "random initialisation" in widget.checkpoint_combo.itemText(0)
+    assert keys == ["default", "random", "file"]
+    assert "pretrained" in widget.checkpoint_combo.itemText(0)
+    assert widget.checkpoint_combo.itemText(1) == "Random initialisation"
     assert widget.checkpoint_row.isHidden()
     widget._select_data(widget.checkpoint_combo, "file")
     assert not widget.checkpoint_row.isHidden()

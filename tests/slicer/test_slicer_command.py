@@ -68,13 +68,15 @@ def test_finetune_command_matches_the_cli():
     assert args.label_names == "bg,left right"  # a comma in a segment name must not add a class
 
 
-def test_finetune_defaults_leave_the_cli_defaults():
+def test_finetune_defaults_start_from_the_shipped_checkpoint_and_leave_the_cli_defaults():
     command = PYTHON(
         "finetune", *finetune_arguments(Path("i"), Path("l"), Path("o"), FinetuneOptions(), ["b"])
     )
     args = parse(command)
-    assert args.checkpoint is None and args.steps is None and args.time_budget is None
+    assert args.checkpoint == "default" and args.steps is None and args.time_budget is None
     assert args.progress == "jsonl"
+    paper = finetune_arguments(Path("i"), Path("l"), Path("o"), FinetuneOptions(preset="paper-acdc"), ["b"])
+    assert parse(PYTHON("finetune", *paper)).checkpoint is None  # the shipped weights fit only interactive
 
 
 def test_predict_and_explain_commands_match_the_cli():

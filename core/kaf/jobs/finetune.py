@@ -104,50 +104,63 @@ def transfer_groups(metadata: CheckpointMetadata) -> tuple[str, ...]:
     return tuple(metadata.extra.get("transfer", PRETRAINED_GROUPS))
 
 
-def finetune(
-    prepared: PreparedVolume,
-    annotation: SparseAnnotation,
-    settings: FinetuneSettings,
-    init: Initialisation | None = None,
-    label_names: list[str] | None = None,
-    cancel: CancelToken | None = None,
-) -> Job[FinetuneResult]:
-    cancel = cancel or CancelToken()
-    clock = StageClock()
-    torch.manual_seed(settings.seed)
-    generator = torch.Generator().manual_seed(settings.seed)
-    config = model_config(settings.preset, annotation.classes, init)
-    device = resolve_device(settings.device)
+@dataclass
+class SlicePool:
+    """Labelled slices on one model grid: what the training loop draws its batches from."""
 
-    indices = list(annotation.annotated)
-    yield clock.event("prepare", 0, len(indices), message=f"detecting keypoints on {len(indices)} slices")
-    images = prepared.model_images(indices)
-    labels = prepared.layout.to_model(
-        torch.from_numpy(take_slices(annotation.labels, annotation.slice_axis)[indices]).unsqueeze(1).float(),
-        mode="nearest",
-    )[:, 0].long()
+    images: torch.Tensor  # [N, 1, H, W] float32
+    labels: torch.Tensor  # [N, H, W] int64
+    keypoints: torch.Tensor  # [N, K, 2] int64 (row, col)
+    keypoint_mask: torch.Tensor  # [N, K] bool
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def labelled_slices(
+    prepared: PreparedVolume, labels: np.ndarray, slice_axis: int, indices: list[int]
+) -> SlicePool:
+    """The listed slices of a volume and its labels on the volume's model grid, with their keypoints."""
+    stack = take_slices(labels, slice_axis)[indices].astype(np.int64)
+    model_labels = prepared.layout.to_model(torch.from_numpy(stack).unsqueeze(1).float(), mode="nearest")
     keypoints = prepared.keypoint_batch(indices)
-    yield clock.event("prepare", len(indices), len(indices), message="keypoints ready")
+    images = prepared.model_images(indices)
+    return SlicePool(images, model_labels[:, 0].long(), keypoints.coords, keypoints.mask)
 
-    model, transfer = build_model(config, init)
+
+def annotated_pool(prepared: PreparedVolume, annotation: SparseAnnotation) -> SlicePool:
+    return labelled_slices(prepared, annotation.labels, annotation.slice_axis, list(annotation.annotated))
+
+
+def train_on_pool(
+    model: KafUNet,
+    pool: SlicePool,
+    settings: FinetuneSettings,
+    device: torch.device,
+    generator: torch.Generator,
+    clock: StageClock,
+    cancel: CancelToken,
+) -> Job[list[float]]:
+    """Adam, Dice + CE, a cosine schedule per step, augmented crops of the pool's slices; returns the loss
+    of each step. Stops at the step or time budget, whichever comes first."""
     model.to(device).train()
     optimiser = torch.optim.Adam(
         model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
     scaler = grad_scaler(device)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
-    crop = tuple(min(settings.crop_size, side) for side in images.shape[-2:])
+    crop = tuple(min(settings.crop_size, side) for side in pool.images.shape[-2:])
     losses: list[float] = []
     clock.start_stage()
     started = time.perf_counter()
     for step in range(1, settings.steps + 1):
         cancel.raise_if_cancelled("fine-tuning")
-        pick = torch.randint(0, len(indices), (settings.batch_size,), generator=generator)
+        pick = torch.randint(0, len(pool), (settings.batch_size,), generator=generator)
         batch = augment_batch(
-            images[pick],
-            labels[pick],
-            keypoints.coords[pick],
-            keypoints.mask[pick],
+            pool.images[pick],
+            pool.labels[pick],
+            pool.keypoints[pick],
+            pool.keypoint_mask[pick],
             crop,
             settings.augmentation,
             generator,
@@ -183,7 +196,32 @@ def finetune(
                 "finetune", step, step, value, message=f"time budget of {settings.time_budget:g} s reached"
             )
             break
+    return losses
 
+
+def finetune(
+    prepared: PreparedVolume,
+    annotation: SparseAnnotation,
+    settings: FinetuneSettings,
+    init: Initialisation | None = None,
+    label_names: list[str] | None = None,
+    cancel: CancelToken | None = None,
+) -> Job[FinetuneResult]:
+    cancel = cancel or CancelToken()
+    clock = StageClock()
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    config = model_config(settings.preset, annotation.classes, init)
+    device = resolve_device(settings.device)
+
+    indices = list(annotation.annotated)
+    yield clock.event("prepare", 0, len(indices), message=f"detecting keypoints on {len(indices)} slices")
+    pool = annotated_pool(prepared, annotation)
+    yield clock.event("prepare", len(indices), len(indices), message="keypoints ready")
+
+    model, transfer = build_model(config, init)
+    started = time.perf_counter()
+    losses = yield from train_on_pool(model, pool, settings, device, generator, clock, cancel)
     model.cpu().eval()
     metadata = CheckpointMetadata(
         preset=settings.preset,

@@ -22,11 +22,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kaf.checkpoints import CUSTOM_PRESET, CheckpointMetadata, in_groups, load_checkpoint, save_checkpoint
+from kaf.checkpoints import (
+    CUSTOM_PRESET,
+    CheckpointMetadata,
+    in_groups,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from kaf.devices import autocast, grad_scaler, is_out_of_memory, out_of_memory_error, resolve_device
 from kaf.errors import CheckpointError, InputDataError, JobCancelled
 from kaf.jobs.events import CancelToken, Job, StageClock
-from kaf.jobs.finetune import default_label_names
+from kaf.jobs.finetune import Initialisation, default_label_names, transfer_groups
 from kaf.keypoints import KeypointConfig
 from kaf.models import KafUNet, ModelConfig, preset_config
 from kaf.ssl import make_method
@@ -236,8 +243,10 @@ def pretrain(
     comm: Communicator | None = None,
     device: torch.device | None = None,
     model_config: ModelConfig | None = None,
+    start: Initialisation | None = None,
 ) -> Job[PretrainResult]:
-    """`model_config` replaces the preset's backbone (tests and benchmarks use small ones)."""
+    """`model_config` replaces the preset's backbone (tests and benchmarks use small ones); `start`
+    gives the backbone its transferred weights before training (continued pretraining, napari's Adapt)."""
     cancel = cancel or CancelToken()
     device = device or rank_device(settings.device)
     comm = comm or Communicator()
@@ -250,6 +259,9 @@ def pretrain(
     network = PretrainNetwork(model, heads, method, comm)
     if resume is not None:
         _load_network(network, resume)
+    elif start is not None:
+        transfer = load_weights(model, start.state, transfer_groups(start.metadata), source=start.source)
+        yield clock.event("prepare", 0, 1, message=f"started from {start.source}: {transfer.summary()}")
     network.to(device)
     optimiser_settings = method.optimiser()
     base_rate = settings.learning_rate or optimiser_settings.learning_rate

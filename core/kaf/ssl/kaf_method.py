@@ -147,12 +147,16 @@ class KafPretraining(PretrainMethod):
         for index, item in enumerate(items):
             matches[index, : len(item["matches"])] = torch.from_numpy(item["matches"])
         views = first + second
+        keypoint_mask = torch.stack([view[2] for view in views])
+        # Valid keypoints come first, so columns past the longest list are padding everywhere: dropping
+        # them spares attention and Sinkhorn work (small slices have far fewer keypoints than the cap).
+        length = max(1, int(keypoint_mask.sum(1).max()))
         return KafPairBatch(
             images=torch.stack([view[0] for view in views]),
-            keypoints=torch.stack([view[1] for view in views]),
-            keypoint_mask=torch.stack([view[2] for view in views]),
+            keypoints=torch.stack([view[1] for view in views])[:, :length],
+            keypoint_mask=keypoint_mask[:, :length],
             positions=torch.tensor([item["position"] for item in items], dtype=torch.float32),
-            matches=matches,
+            matches=matches[:, :length],
         )
 
     def _pair(self, data: PretrainData, generator: torch.Generator) -> dict:

@@ -31,6 +31,9 @@ def resolve_command(external: str | None, slicer_python: str | None) -> KafComma
     return KafCommand((slicer_python, "-m", "kaf")) if slicer_python else None
 
 
+SHIPPED_PRESET = "interactive"  # the preset of the checkpoint that ships with kaf ("--checkpoint default")
+
+
 @dataclass(frozen=True)
 class FinetuneOptions:
     """The fine-tuning choices offered by the module; None leaves the CLI's default."""
@@ -39,7 +42,9 @@ class FinetuneOptions:
     device: str = "auto"
     steps: int | None = None
     time_budget: float | None = None  # seconds
-    checkpoint: str | None = None  # starting weights; None: the CLI's default initialisation
+    # starting weights; None: the shipped pretrained default for the interactive preset (the only preset
+    # it fits), random initialisation for the paper presets
+    checkpoint: str | None = None
 
 
 def finetune_arguments(
@@ -49,6 +54,8 @@ def finetune_arguments(
     arguments += ["--preset", options.preset, "--device", options.device]
     if options.checkpoint:
         arguments += ["--checkpoint", options.checkpoint]
+    elif options.preset == SHIPPED_PRESET:
+        arguments += ["--checkpoint", "default"]
     if options.steps is not None:
         arguments += ["--steps", str(options.steps)]
     if options.time_budget is not None:

@@ -1,0 +1,692 @@
+"""Few-label benchmark (not a test): pretraining methods against random init with M labelled volumes, and
+the annotator's protocol with k annotated slices of one volume, on ACDC and MSD hippocampus (issue #6).
+
+Protocol, per dataset (../shared/data):
+- Split by patient: a fixed test set (size stated in the output) and a pool. Each method pretrains on the
+  pool's images without labels; fine-tuning takes M labelled volumes from the pool (M distinct patients,
+  one random frame each, all their slices), over several draws shared by every method.
+- Score: per-volume 3D Dice per foreground class (MONAI) on every test volume, the largest component of
+  each class kept as the product does; a volume's score is the mean over its foreground classes, a draw's
+  the mean over test volumes; each cell is the mean (std) over draws.
+- The annotator's protocol: k = 1, 2, 4 annotated slices of one test volume (the slices an annotator would
+  pick, kaf.metrics.spread_slices), Dice on the other slices of that volume, beside copying the nearest
+  annotated slice; mean (std) over the annotated volumes.
+
+Modes: `--quick` (default) fits an hour on 2 CPU cores with the `interactive` preset; `--full` uses the
+paper preset and longer budgets, for a GPU; `--smoke` shrinks either to a few steps, one draw, two test
+volumes per dataset, M = 1 and k = 2 (an end-to-end check, its numbers mean nothing).
+
+    python benchmarks/few_label.py [--quick | --full] [--smoke] [--device auto] [--threads 2]
+                                   [--datasets acdc hippocampus] [--rows unet kaf kaf+kaf ...] [--draws N]
+                                   [--write BENCHMARKS.md] [--plots DIR] [--work DIR]
+
+Results go to WORK/BENCHMARKS.md always, and into the --write file (between the few-label markers,
+keeping the rest of the file) only when asked; plots (Dice against M and against k) beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure  # no pyplot: no GUI backend
+from speed import machine  # benchmarks/ is on the path when this file runs
+
+from kaf.checkpoints import load_checkpoint
+from kaf.devices import resolve_device
+from kaf.jobs.events import ProgressEvent, drive
+from kaf.jobs.finetune import FinetuneSettings, Initialisation
+from kaf.jobs.multi_finetune import LabelledVolume, multi_finetune
+from kaf.jobs.predict import predict
+from kaf.jobs.pretrain import PretrainSettings, pretrain
+from kaf.keypoints import KeypointConfig
+from kaf.metrics import copy_nearest_annotated, dice_on_unannotated, dice_per_class, spread_slices
+from kaf.models import KafUNet, ModelConfig, preset_config
+from kaf.ssl.data import load_pretrain_data
+from kaf.volume_io import read_labels, read_volume
+from kaf.workflow import prepare_for_training
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+START_MARKER, END_MARKER = "<!-- few-label:start -->", "<!-- few-label:end -->"
+COPY = "copy nearest annotated slice"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    key: str
+    folder: str
+    title: str
+    foreground: tuple[str, ...]  # class names, background excluded
+    view_size: int  # pretraining views: at most twice the shorter slice side (hippocampus slices ~ 51 x 35)
+    frames_per_patient: bool  # ACDC: patientNNN_frame0F; hippocampus: one volume per case
+
+    @property
+    def classes(self) -> int:
+        return len(self.foreground) + 1
+
+    def patient(self, case: str) -> str:
+        return case.split("_frame")[0] if self.frames_per_patient else case
+
+
+DATASETS = {
+    "acdc": Dataset("acdc", "acdc", "ACDC (cine MRI)", ("RV", "Myo", "LV"), 128, True),
+    "hippocampus": Dataset(
+        "hippocampus", "msd_hippocampus", "MSD hippocampus (T1 MRI)", ("anterior", "posterior"), 32, False
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    backbone: str  # "kaf" or "unet" (the plain UNet of the preset's width)
+    method: str | None  # pretraining method; None: random init
+
+    @property
+    def key(self) -> str:
+        return self.backbone if self.method is None else f"{self.backbone}+{self.method}"
+
+    @property
+    def label(self) -> str:
+        names = {"kaf": "KAF", "gcl": "GCL", "pgl": "PGL", "dense": "dense hierarchical", "unet": "UNet"}
+        if self.method is None:
+            return f"{names[self.backbone]}, random init"
+        suffix = " pretraining" if self.method == self.backbone else ""
+        return f"{names[self.backbone]} + {names[self.method]}{suffix}"
+
+
+REQUIRED_ROWS = (
+    Row("unet", None),
+    Row("kaf", None),
+    Row("kaf", "kaf"),
+    Row("unet", "gcl"),
+    Row("unet", "pgl"),
+    Row("unet", "dense"),
+)
+EXTRA_ROWS = (Row("kaf", "gcl"), Row("kaf", "pgl"), Row("kaf", "dense"))
+ALL_ROWS = {row.key: row for row in REQUIRED_ROWS + EXTRA_ROWS}
+
+
+@dataclass(frozen=True)
+class Budget:
+    mode: str
+    preset: str
+    rows: tuple[Row, ...]
+    labelled: tuple[int, ...]  # M
+    draws: int
+    test_patients: dict[str, int]
+    annotated: tuple[int, ...]  # k
+    annotator_volumes: int  # test volumes the annotator's protocol runs on
+    pretrain_steps: int  # per stage (GCL has two)
+    pretrain_batch: dict[str, int]  # items per step where not the method's default
+    pretrain_learning_rate: dict[str, float]  # where not the method's default
+    finetune: FinetuneSettings
+    finetune_epochs: float | None  # None: finetune.steps; else steps = epochs x pool slices / batch
+    annotator_steps: int
+    note: str  # what the numbers of this mode can and cannot say
+
+    def smoke(self) -> Budget:
+        return replace(
+            self,
+            mode=f"{self.mode} --smoke",
+            labelled=(1,),
+            draws=1,
+            test_patients={"acdc": 1, "hippocampus": 2},  # two test volumes each
+            annotated=(2,),
+            annotator_volumes=1,
+            pretrain_steps=2,
+            pretrain_batch={method: 2 for method in ("kaf", "pgl", "dense")},
+            pretrain_learning_rate={},
+            finetune=replace(self.finetune, steps=3),
+            finetune_epochs=None,
+            annotator_steps=3,
+            note="Smoke run: a few steps of everything, an end-to-end check; the numbers mean nothing.",
+        )
+
+    def finetune_steps(self, slices: int) -> int:
+        if self.finetune_epochs is None:
+            return self.finetune.steps
+        return max(1, math.ceil(self.finetune_epochs * slices / self.finetune.batch_size))
+
+
+QUICK = Budget(
+    mode="quick",
+    preset="interactive",
+    rows=REQUIRED_ROWS,
+    labelled=(1, 2, 6),
+    draws=2,
+    test_patients={"acdc": 6, "hippocampus": 6},
+    annotated=(1, 2, 4),
+    annotator_volumes=1,
+    pretrain_steps=50,
+    pretrain_batch={"kaf": 8, "pgl": 8, "dense": 4},  # GCL: its own (one group of 48 slices; 10 local)
+    # KAF's paper optimiser (SGD 0.002) barely moves the weights in a short run: 600 steps of batch 16 on
+    # hippocampus moved the encoder by 2.4 % (relative L2) from its initialisation. The others use Adam.
+    pretrain_learning_rate={"kaf": 0.02},
+    # Measured on 2 idle cores (s/step, KAF / UNet): ACDC 0.74 / 0.11, hippocampus 0.33 / 0.05; 108
+    # fine-tunings leave about 80 steps each in the hour: far from converged (see BENCHMARKS.md).
+    finetune=FinetuneSettings(preset="interactive", steps=80, batch_size=4, crop_size=96),
+    finetune_epochs=None,
+    annotator_steps=80,
+    note="Quick mode: 80 fine-tuning steps and 50 pretraining steps are far from convergence (on ACDC a "
+    "UNet needs about 300 steps to pass 0.4 Dice): the numbers check the protocol and rank roughly; "
+    "compare methods with the full mode.",
+)
+# METHODS.md A.6, ACDC: Adam 5e-4 -> 5e-5 cosine, 201 epochs of batch 10 (our loss stays Dice + CE);
+# pretraining: the same number of steps per stage for every method, each with its own batch.
+FULL = Budget(
+    mode="full",
+    preset="paper-acdc",
+    rows=REQUIRED_ROWS + EXTRA_ROWS,
+    labelled=(1, 2, 6),
+    draws=5,
+    test_patients={"acdc": 8, "hippocampus": 40},
+    annotated=(1, 2, 4),
+    annotator_volumes=4,
+    pretrain_steps=2000,
+    pretrain_batch={},
+    pretrain_learning_rate={},
+    finetune=FinetuneSettings(
+        preset="paper-acdc", batch_size=10, crop_size=352, learning_rate=5e-4, final_learning_rate=5e-5
+    ),
+    finetune_epochs=201,
+    annotator_steps=150,
+    note="Full mode: the paper's fine-tuning schedule (METHODS.md A.6), each method's own pretraining batch.",
+)
+
+# Reported ACDC numbers (METHODS.md A.7 and B.5): other protocols (100 patients, 5-fold CV and pooled 2D
+# Dice for KAF; 20 fixed test volumes and labelled volumes for GCL), shown for orientation only.
+PAPER = (
+    ("unet", "KAF paper, Table 2 A (UNet(c1), random)", {6: 0.782}),
+    ("unet", "GCL paper, random init (M = 8: 0.844)", {1: 0.614, 2: 0.702}),
+    ("kaf", "KAF paper, Table 2 F (KAF, random)", {6: 0.827}),
+    ("kaf+kaf", "KAF paper, appendix (KAF + SSL)", {2: 0.741, 6: 0.873}),
+    ("unet+gcl", "GCL paper, G^D + L^R (M = 8: 0.872)", {1: 0.725, 2: 0.789}),
+)
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cases:
+    """A dataset's volumes by patient, its split, and the volumes prepared so far (keypoints cached)."""
+
+    dataset: Dataset
+    by_patient: dict[str, list[str]]
+    test: list[str]  # patients
+    pool: list[str]
+    seed: int
+    config: ModelConfig
+    prepared: dict[str, LabelledVolume] = field(default_factory=dict)
+
+    def image(self, case: str) -> Path:
+        return DATA / self.dataset.folder / "images" / f"{case}.nii.gz"
+
+    def volume(self, case: str) -> LabelledVolume:
+        if case not in self.prepared:
+            image = read_volume(self.image(case))
+            labels = read_labels(DATA / self.dataset.folder / "labels" / f"{case}.nii.gz", image)
+            self.prepared[case] = LabelledVolume(prepare_for_training(image, self.config), labels, None, case)
+        return self.prepared[case]
+
+    def test_cases(self) -> list[str]:
+        return [case for patient in self.test for case in self.by_patient[patient]]
+
+    def pool_cases(self) -> list[str]:
+        return [case for patient in self.pool for case in self.by_patient[patient]]
+
+    def draw(self, labelled: int, draw: int) -> list[str]:
+        """M distinct pool patients, one random frame each; the same for every method."""
+        rng = np.random.default_rng([self.seed, labelled, draw])
+        patients = rng.choice(len(self.pool), size=labelled, replace=False)
+        return [
+            self.by_patient[self.pool[p]][rng.integers(len(self.by_patient[self.pool[p]]))] for p in patients
+        ]
+
+
+def split_cases(dataset: Dataset, test_patients: int, needed: int, seed: int, config: ModelConfig) -> Cases:
+    names = sorted(
+        p.name.removesuffix(".nii.gz") for p in (DATA / dataset.folder / "images").glob("*.nii.gz")
+    )
+    by_patient: dict[str, list[str]] = {}
+    for name in names:
+        by_patient.setdefault(dataset.patient(name), []).append(name)
+    order = np.random.default_rng(seed).permutation(len(by_patient))
+    patients = [sorted(by_patient)[i] for i in order]
+    test, pool = sorted(patients[:test_patients]), sorted(patients[test_patients:])
+    if len(pool) < needed:
+        raise SystemExit(f"{dataset.key}: {len(pool)} pool patients, fewer than M = {needed}")
+    return Cases(dataset, by_patient, test, pool, seed, config)
+
+
+# --- pretraining, fine-tuning, scoring ----------------------------------------------------------------------
+
+
+def every_tenth(prefix: str) -> Callable[[ProgressEvent], None]:
+    def show(event: ProgressEvent) -> None:
+        if event.loss is not None and (
+            event.step == event.total or event.step % max(1, event.total // 10) == 0
+        ):
+            print(f"  {prefix} {event.stage} {event.step}/{event.total} loss {event.loss:.3f}", flush=True)
+
+    return show
+
+
+def backbone_config(budget: Budget, backbone: str) -> ModelConfig:
+    config = preset_config(budget.preset)
+    return config if backbone == "kaf" else config.plain_unet()
+
+
+def pretrain_checkpoint(
+    cases: Cases, row: Row, budget: Budget, device: str, work: Path, data_cache: dict
+) -> Initialisation:
+    dataset = cases.dataset
+    view = dataset.view_size
+    if view not in data_cache:
+        data_cache[view] = load_pretrain_data(
+            [cases.image(case) for case in cases.pool_cases()],
+            cases.config.input_size,
+            view // 2,
+            KeypointConfig(max_keypoints=cases.config.max_keypoints),
+        )
+    settings = PretrainSettings(
+        method=row.method,
+        preset=budget.preset,
+        backbone=row.backbone,
+        steps=budget.pretrain_steps,
+        batch_size=budget.pretrain_batch.get(row.method),
+        learning_rate=budget.pretrain_learning_rate.get(row.method),
+        view_size=view,
+        device=device,
+        save_every=10**9,
+    )
+    out = work / f"{dataset.key}_{row.key}.safetensors"
+    drive(pretrain(data_cache[view], settings, out), every_tenth(f"{dataset.key} {row.key}"))
+    state, metadata = load_checkpoint(out)
+    out.unlink()  # up to a GB each with the paper preset; the benchmark needs it only in memory
+    return Initialisation(state, metadata, str(out))
+
+
+def finetuned_model(
+    cases: Cases,
+    row: Row,
+    volumes: list[LabelledVolume],
+    settings: FinetuneSettings,
+    init: Initialisation | None,
+    budget: Budget,
+) -> KafUNet:
+    result = drive(
+        multi_finetune(
+            volumes,
+            cases.dataset.classes,
+            settings,
+            init,
+            model_config=backbone_config(budget, row.backbone),
+            label_names=["background", *cases.dataset.foreground],
+        )
+    )
+    return result.model
+
+
+def score_test_set(model: KafUNet, cases: Cases, device: str) -> np.ndarray:
+    """[test volumes, foreground classes] per-volume 3D Dice."""
+    scores = []
+    for case in cases.test_cases():
+        volume = cases.volume(case)
+        labels = drive(predict(model, volume.prepared, device)).labels
+        scores.append(dice_per_class(labels, volume.labels, cases.dataset.classes))
+    return np.array(scores)
+
+
+def annotated_slices(volume: LabelledVolume, k: int) -> LabelledVolume:
+    """The volume with only the k slices an annotator would pick labelled."""
+    return LabelledVolume(volume.prepared, volume.labels, tuple(spread_slices(volume.labels, k)), volume.name)
+
+
+def dice_elsewhere(prediction: np.ndarray, sparse: LabelledVolume, classes: int) -> float:
+    """Mean foreground Dice on the slices not annotated."""
+    return dice_on_unannotated(prediction, sparse.labels, sparse.slices, classes)[0]
+
+
+@dataclass
+class DatasetResults:
+    cases: Cases
+    few_label: dict[str, dict[int, list[np.ndarray]]]  # row -> M -> per draw [volumes, classes]
+    annotator: dict[str, dict[int, list[float]]]  # row (and COPY) -> k -> per volume
+    draws: dict[int, list[list[str]]]  # M -> labelled volumes of each draw
+    seconds: dict[str, float]
+
+
+def run_dataset(dataset: Dataset, budget: Budget, rows: list[Row], args, work: Path) -> DatasetResults:
+    config = preset_config(budget.preset)
+    cases = split_cases(dataset, budget.test_patients[dataset.key], max(budget.labelled), args.seed, config)
+    print(f"{dataset.key}: test patients {cases.test}; pool of {len(cases.pool)} patients", flush=True)
+    results = DatasetResults(cases, {}, {}, {}, {})
+    data_cache: dict = {}
+    annotator_cases = cases.test_cases()[: budget.annotator_volumes]
+    for M in budget.labelled:
+        results.draws[M] = [cases.draw(M, d) for d in range(budget.draws)]
+    for k in budget.annotated:
+        sparse = [annotated_slices(cases.volume(case), k) for case in annotator_cases]
+        copies = [copy_nearest_annotated(s.labels, s.slices) for s in sparse]
+        results.annotator.setdefault(COPY, {})[k] = [
+            dice_elsewhere(c, s, dataset.classes) for c, s in zip(copies, sparse, strict=True)
+        ]
+    for row in rows:
+        started = time.perf_counter()
+        init = None
+        if row.method is not None:
+            init = pretrain_checkpoint(cases, row, budget, args.device, work, data_cache)
+            results.seconds[f"pretrain {row.key}"] = time.perf_counter() - started
+        started = time.perf_counter()
+        results.few_label[row.key] = few_label_scores(cases, row, results.draws, init, budget, args.device)
+        results.seconds[f"few-label {row.key}"] = time.perf_counter() - started
+        started = time.perf_counter()
+        results.annotator[row.key] = annotator_protocol(
+            cases, row, annotator_cases, init, budget, args.device
+        )
+        results.seconds[f"annotator {row.key}"] = time.perf_counter() - started
+    return results
+
+
+def few_label_scores(
+    cases: Cases,
+    row: Row,
+    draws: dict[int, list[list[str]]],
+    init: Initialisation | None,
+    budget: Budget,
+    device: str,
+) -> dict[int, list[np.ndarray]]:
+    """M -> per draw [test volumes, foreground classes] Dice."""
+    scores: dict[int, list[np.ndarray]] = {}
+    for M, drawn in draws.items():
+        scores[M] = []
+        for d, names in enumerate(drawn):
+            volumes = [cases.volume(name) for name in names]
+            steps = budget.finetune_steps(sum(v.prepared.slice_count for v in volumes))
+            settings = replace(budget.finetune, steps=steps, seed=d, device=device)
+            model = finetuned_model(cases, row, volumes, settings, init, budget)
+            scores[M].append(score_test_set(model, cases, device))
+            print(
+                f"  {cases.dataset.key} {row.key} M={M} draw {d}: {np.nanmean(scores[M][-1]):.3f}", flush=True
+            )
+    return scores
+
+
+def annotator_protocol(
+    cases: Cases,
+    row: Row,
+    annotated_cases: list[str],
+    init: Initialisation | None,
+    budget: Budget,
+    device: str,
+) -> dict[int, list[float]]:
+    """k -> per volume Dice on the slices not annotated."""
+    settings = replace(budget.finetune, steps=budget.annotator_steps, device=device)
+    scores: dict[int, list[float]] = {}
+    for k in budget.annotated:
+        scores[k] = []
+        for case in annotated_cases:
+            sparse = annotated_slices(cases.volume(case), k)
+            model = finetuned_model(cases, row, [sparse], settings, init, budget)
+            prediction = drive(predict(model, sparse.prepared, device)).labels
+            scores[k].append(dice_elsewhere(prediction, sparse, cases.dataset.classes))
+            print(f"  {cases.dataset.key} {row.key} k={k} {case} {list(sparse.slices)}: {scores[k][-1]:.3f}")
+    return scores
+
+
+# --- report -------------------------------------------------------------------------------------------------
+
+
+def cell(values) -> str:
+    values = np.asarray(values, dtype=float)
+    if values.size == 0 or np.all(np.isnan(values)):
+        return "–"
+    if values.size == 1:
+        return f"{float(values[0]):.3f}"
+    return f"{np.nanmean(values):.3f} ({np.nanstd(values, ddof=1):.3f})"
+
+
+def draw_means(per_draw: list[np.ndarray]) -> np.ndarray:
+    """Mean foreground Dice of each draw: class mean per volume, then mean over test volumes."""
+    return np.array([np.nanmean(np.nanmean(scores, axis=1)) for scores in per_draw])
+
+
+def dataset_section(
+    results: DatasetResults, budget: Budget, rows: list[Row], plot: Path | None, md: Path
+) -> str:
+    cases, dataset = results.cases, results.cases.dataset
+    test = cases.test_cases()
+    lines = [
+        f"### {dataset.title}",
+        "",
+        f"Split by patient (seed {cases.seed}): **{len(cases.test)} test patient(s)** "
+        f"({len(test)} volumes: {', '.join(cases.test)}); a pool of {len(cases.pool)} patients "
+        f"({len(cases.pool_cases())} volumes) for pretraining (images only) and the labelled draws.",
+        "",
+        f"Mean foreground 3D Dice on the test volumes, mean (std) over {budget.draws} draw(s) of M labelled "
+        "volumes:",
+        "",
+        "| method | " + " | ".join(f"M = {M}" for M in budget.labelled) + " |",
+        "|---|" + "---|" * len(budget.labelled),
+    ]
+    for row in rows:
+        cells = [cell(draw_means(results.few_label[row.key][M])) for M in budget.labelled]
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    lines += ["", "Per class (mean (std) over draws):", ""]
+    lines += ["| method | M | " + " | ".join(dataset.foreground) + " |"]
+    lines += ["|---|---|" + "---|" * len(dataset.foreground)]
+    for row in rows:
+        for M in budget.labelled:
+            per_draw = np.array([np.nanmean(s, axis=0) for s in results.few_label[row.key][M]])
+            lines.append(
+                f"| {row.label} | {M} | "
+                + " | ".join(cell(per_draw[:, c]) for c in range(per_draw.shape[1]))
+                + " |"
+            )
+    annotator_cases = test[: budget.annotator_volumes]
+    lines += [
+        "",
+        f"The annotator's protocol: k annotated slices of {', '.join(annotator_cases)}, mean foreground Dice "
+        f"on the other slices ({budget.annotator_steps} fine-tuning steps; mean (std) over volumes):",
+        "",
+        "| method | " + " | ".join(f"k = {k}" for k in budget.annotated) + " |",
+        "|---|" + "---|" * len(budget.annotated),
+    ]
+    for key, label in [(row.key, row.label) for row in rows] + [(COPY, f"*{COPY}*")]:
+        lines.append(
+            f"| {label} | " + " | ".join(cell(results.annotator[key][k]) for k in budget.annotated) + " |"
+        )
+    if dataset.key == "acdc":
+        lines += ["", *paper_table(results, budget)]
+    else:
+        lines += ["", "No published numbers for this dataset with these methods."]
+    if plot is not None:
+        lines += ["", f"![Dice against M and k, {dataset.title}]({os.path.relpath(plot, md.parent)})"]
+    lines += ["", "<details><summary>Labelled volumes of each draw</summary>", ""]
+    for M, draws in results.draws.items():
+        lines += [f"- M = {M}: " + "; ".join(", ".join(names) for names in draws)]
+    lines += ["", "</details>", ""]
+    return "\n".join(lines)
+
+
+def paper_table(results: DatasetResults, budget: Budget) -> list[str]:
+    lines = [
+        "Reported on ACDC (METHODS.md A.7, B.5), beside ours for the same row and M. Other protocols: "
+        "the KAF paper used 100 patients, 5-fold CV, pooled 2D Dice, the paper preset, best epoch on the "
+        "test fold; GCL 20 fixed test volumes and its own UNet. For orientation, not comparison:",
+        "",
+        "| source | " + " | ".join(f"M = {M}: paper (ours)" for M in budget.labelled) + " |",
+        "|---|" + "---|" * len(budget.labelled),
+    ]
+    for key, source, values in PAPER:
+        if key not in results.few_label:
+            continue
+        cells = []
+        for M in budget.labelled:
+            ours = draw_means(results.few_label[key][M])
+            cells.append(f"{values[M]:.3f} ({np.nanmean(ours):.3f})" if M in values else "–")
+        lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_dataset(results: DatasetResults, budget: Budget, rows: list[Row], path: Path) -> Path:
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    left, right = figure.subplots(1, 2)
+    for row in rows:
+        means = [draw_means(results.few_label[row.key][M]) for M in budget.labelled]
+        spread = [np.nanstd(m, ddof=1) if len(m) > 1 else 0.0 for m in means]
+        left.errorbar(
+            budget.labelled,
+            [np.nanmean(m) for m in means],
+            yerr=spread,
+            marker="o",
+            capsize=3,
+            label=row.label,
+        )
+        right.plot(
+            budget.annotated, [np.mean(results.annotator[row.key][k]) for k in budget.annotated], marker="o"
+        )
+    right.plot(
+        budget.annotated,
+        [np.mean(results.annotator[COPY][k]) for k in budget.annotated],
+        "k--",
+        marker="x",
+        label=COPY,
+    )
+    left.set(xlabel="M labelled volumes", ylabel="mean foreground 3D Dice (test)", xticks=budget.labelled)
+    right.set(xlabel="k annotated slices", ylabel="Dice on the other slices", xticks=budget.annotated)
+    left.set_ylim(0, 1)
+    right.set_ylim(0, 1)
+    left.set_title(f"{results.cases.dataset.title}: few labels")
+    right.set_title("annotator's protocol")
+    figure.legend(*left.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize="small")
+    right.legend(fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def finetune_length(budget: Budget) -> str:
+    if budget.finetune_epochs:
+        return f"{budget.finetune_epochs:g} epochs"
+    return f"{budget.finetune.steps} steps"
+
+
+def device_description(name: str) -> str:
+    device = resolve_device(name)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}; host {machine()}; device {device}"
+    return f"{machine()}; device {device}"
+
+
+def report(all_results, budget: Budget, rows: list[Row], args, plots: dict, md: Path, seconds: float) -> str:
+    settings = budget.finetune
+    batches = ", ".join(f"{m} {b}" for m, b in budget.pretrain_batch.items()) or "each method's own"
+    rates = ", ".join(f"{m} {r:g}" for m, r in budget.pretrain_learning_rate.items())
+    rates = f"{rates}; the others the paper's" if rates else "each paper's"
+    lines = [
+        START_MARKER,
+        "## Few-label benchmark",
+        "",
+        f"Command: `{shlex.join(['python', *sys.argv])}`  ",
+        f"Machine: {device_description(args.device)}, {args.threads} threads; "
+        f"{time.strftime('%Y-%m-%d')}; {seconds / 60:.0f} min in all.  ",
+        f"Mode **{budget.mode}**, preset `{budget.preset}` (UNet rows: its plain UNet(c1) of that width).  ",
+        f"Pretraining: {budget.pretrain_steps} steps per stage, batch ({batches}), learning rate "
+        f"({rates}), views "
+        + ", ".join(f"{DATASETS[key].view_size} px ({key})" for key in all_results)
+        + ", on the pool's images only.  ",
+        f"Fine-tuning: {finetune_length(budget)} of batch {settings.batch_size}, crops "
+        f"{settings.crop_size} px, Adam {settings.learning_rate:g} → {settings.final_learning_rate:g} "
+        "cosine, Dice + CE, augmentation on; "
+        f"{budget.draws} draw(s) per M; the annotator's protocol {budget.annotator_steps} steps.  ",
+        "Prediction keeps the largest 3D component of each class (the product's default).",
+        "",
+        f"*{budget.note}*",
+        "",
+    ]
+    for key, results in all_results.items():
+        lines.append(dataset_section(results, budget, rows, plots.get(key), md))
+    lines += ["<details><summary>Time per stage (s)</summary>", ""]
+    for key, results in all_results.items():
+        lines.append(
+            f"- {key}: " + "; ".join(f"{name} {value:.0f}" for name, value in results.seconds.items())
+        )
+    lines += ["", "</details>", END_MARKER]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace the few-label section of `path` (between the markers), keeping the rest of the file."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if START_MARKER in text and END_MARKER in text:
+        before, rest = text.split(START_MARKER, 1)
+        text = before + section + rest.split(END_MARKER, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="interactive preset, about an hour on 2 CPU cores")
+    mode.add_argument("--full", action="store_true", help="the paper preset and budgets, for a GPU")
+    parser.add_argument("--smoke", action="store_true", help="a few steps of everything (minutes)")
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
+    parser.add_argument("--rows", nargs="+", choices=list(ALL_ROWS), help="default: the mode's rows")
+    parser.add_argument("--draws", type=int, help="default: the mode's (quick 2, full 5)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="the patient split and the labelled draws")
+    parser.add_argument("--write", type=Path, help="also put the results into this markdown file")
+    parser.add_argument("--plots", type=Path, help="default: benchmarks/results with --write, else WORK")
+    parser.add_argument(
+        "--work", type=Path, help="checkpoints and results (default /tmp/kaf_few_label[_smoke])"
+    )
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"the data folder {DATA} is absent: this benchmark needs ../shared/data")
+    budget = FULL if args.full else QUICK
+    budget = budget.smoke() if args.smoke else budget
+    budget = replace(budget, draws=args.draws) if args.draws else budget
+    rows = [ALL_ROWS[key] for key in args.rows] if args.rows else list(budget.rows)
+    work = args.work or Path("/tmp/kaf_few_label" + ("_smoke" if args.smoke else ""))
+    work.mkdir(parents=True, exist_ok=True)
+    plots_dir = args.plots or (Path("benchmarks/results") if args.write else work)
+    torch.set_num_threads(args.threads)
+    print(
+        f"few-label benchmark, mode {budget.mode}, preset {budget.preset}, rows {[r.key for r in rows]}, "
+        f"M {budget.labelled} x {budget.draws} draws, k {budget.annotated}, pretraining "
+        f"{budget.pretrain_steps} steps/stage, fine-tuning {finetune_length(budget)}",
+        flush=True,
+    )
+    started = time.perf_counter()
+    all_results, plots = {}, {}
+    for key in args.datasets:
+        all_results[key] = run_dataset(DATASETS[key], budget, rows, args, work)
+        plots[key] = plot_dataset(all_results[key], budget, rows, plots_dir / f"few_label_{key}.png")
+    md = work / "BENCHMARKS.md"
+    text = report(all_results, budget, rows, args, plots, args.write or md, time.perf_counter() - started)
+    print(text)
+    write_section(md, text)
+    if args.write:
+        write_section(args.write, text)
+    print(f"written: {md}" + (f", {args.write}" if args.write else "") + f"; plots in {plots_dir}")
+
+
+if __name__ == "__main__":
+    main()

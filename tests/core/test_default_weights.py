@@ -1,0 +1,79 @@
+"""The shipped default checkpoint: small, what its metadata says, and a starting point for fine-tuning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ssl_support import tiny_model
+from volume_factory import synthetic_volume
+
+from kaf.annotation import sparse_annotation
+from kaf.checkpoints import load_checkpoint
+from kaf.default_weights import export_for_transfer, shipped_checkpoint
+from kaf.errors import CheckpointError
+from kaf.jobs.events import drive
+from kaf.jobs.finetune import FinetuneSettings, build_model, finetune
+from kaf.jobs.pretrain import PretrainSettings, pretrain, read_resume_point
+from kaf.models import KafUNet, preset_config
+from kaf.ssl.data import volumes_from_arrays
+from kaf.volume_io import Volume
+from kaf.workflow import load_initialisation, prepare_for_training
+
+MAX_BYTES = 10 * 2**20
+
+
+def test_shipped_weights_are_small_and_match_their_metadata():
+    path = shipped_checkpoint()
+    assert path.stat().st_size <= MAX_BYTES
+    state, metadata = load_checkpoint(path)
+    assert metadata.preset == "interactive" and metadata.method == "kaf"
+    assert metadata.model_config() == preset_config("interactive")
+    assert metadata.extra["transfer"] == ["encoder"] and metadata.extra["licence"] == "CC BY-SA 4.0"
+    encoder = {
+        name: t
+        for name, t in KafUNet(preset_config("interactive")).state_dict().items()
+        if name.startswith("encoder.")
+    }
+    assert set(state) == set(encoder)
+    for name, tensor in state.items():
+        assert tensor.shape == encoder[name].shape, name
+        assert tensor.dtype == (torch.float16 if encoder[name].is_floating_point() else encoder[name].dtype)
+        assert torch.isfinite(tensor.float()).all(), name
+
+
+def test_fine_tuning_starts_from_the_shipped_encoder():
+    init = load_initialisation("default", "interactive")
+    state, _ = load_checkpoint(shipped_checkpoint())
+    config = preset_config("interactive", classes=3)
+    model, report = build_model(config, init)
+    assert "loaded" in report.summary() and all(name.startswith("encoder.") for name in report.loaded)
+    for name, tensor in model.state_dict().items():
+        if name in state:
+            torch.testing.assert_close(tensor, state[name].to(tensor.dtype), rtol=0, atol=0)
+
+    image, labels = synthetic_volume()
+    sparse = np.zeros_like(labels)
+    sparse[[2, 5]] = labels[[2, 5]]
+    prepared = prepare_for_training(Volume(image, np.eye(4)), "interactive")
+    result = drive(finetune(prepared, sparse_annotation(sparse, 0), FinetuneSettings(steps=2), init))
+    assert result.metadata.extra["pretrained_from"] == "kaf" and all(np.isfinite(result.losses))
+
+
+def test_export_keeps_only_the_transferred_groups_in_float16(tmp_path):
+    config = tiny_model(kaf=True).config
+    data = volumes_from_arrays([synthetic_volume()[0]], config.max_keypoints)
+    pretrained = tmp_path / "pretrained.safetensors"
+    settings = PretrainSettings(method="kaf", steps=1, batch_size=2, view_size=32)
+    drive(pretrain(data, settings, pretrained, model_config=config))
+    exported = export_for_transfer(
+        pretrained, tmp_path / "shipped.safetensors", ("encoder",), {"licence": "x"}
+    )
+    state, metadata = load_checkpoint(exported)
+    original, _ = load_checkpoint(pretrained)
+    assert set(state) == {name for name in original if name.startswith("encoder.")}
+    assert all(t.dtype == torch.float16 for t in state.values() if t.is_floating_point())
+    assert metadata.extra["transfer"] == ["encoder"] and metadata.extra["pretraining"]["steps"] == 1
+    assert exported.stat().st_size < pretrained.stat().st_size / 2
+    with pytest.raises(CheckpointError, match="not a pretraining checkpoint"):
+        read_resume_point(exported, "kaf", config)
