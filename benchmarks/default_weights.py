@@ -99,7 +99,8 @@ def card(rows: list[dict], args, exported: Path) -> str:
         f"- Command: `{args.command}`",
         f"- Steps done: {args.steps_done}; machine: {machine()}.",
         "",
-        f"## What it is worth: annotator's protocol on the {HELD_OUT} held-out hippocampus cases",
+        f"## What it is worth: annotator's protocol on {len({row['case'] for row in rows})} of the "
+        f"{HELD_OUT} held-out hippocampus cases",
         "",
         "Each case: k slices annotated from its reference labels, the `interactive` preset fine-tuned with",
         "the default settings (150 steps), mean foreground Dice (anterior, posterior) on the other slices.",
@@ -129,7 +130,7 @@ def main() -> None:
     parser.add_argument("--command", required=True, help="the exact pretraining command, for the card")
     parser.add_argument("--steps-done", type=int, required=True)
     parser.add_argument("--slices", type=int, nargs="+", default=[2])
-    parser.add_argument("--cases", type=int, default=HELD_OUT)
+    parser.add_argument("--cases", type=int, default=HELD_OUT, help="score the first N held-out cases")
     args = parser.parse_args()
     torch.set_num_threads(2)
     WEIGHTS.mkdir(exist_ok=True)

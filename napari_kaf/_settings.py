@@ -22,6 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "adapt": False,
     "adapt_seconds": 60,
     "predict_after": True,
+    "all_slices": False,
     "show_uncertainty": True,
     "level": 1,
     "head": 0,

@@ -143,6 +143,7 @@ class KafWidget(QWidget):
         self._explained_grid: dict[str, Any] = {}
         self._attention_worker: Any = None
         self._attention_pending = False
+        self._keypoint_after_explain: int | None = None  # a keypoint clicked on a slice not yet explained
 
         self._build_ui()
         self._restore_settings()
@@ -270,6 +271,11 @@ class KafWidget(QWidget):
         form = QFormLayout(inspect)
         self.keypoints_button = QPushButton("Show keypoints of this slice")
         form.addRow(self.keypoints_button)
+        self.all_slices_check = QCheckBox("Keypoints of all slices")
+        self.all_slices_check.setToolTip(
+            "Show every slice's keypoints; clicking one on another slice explains that slice first"
+        )
+        form.addRow(self.all_slices_check)
         self.level_combo = QComboBox()
         for level in (1, 2, 3, 4):
             self.level_combo.addItem(f"level {level}", level)
@@ -326,6 +332,7 @@ class KafWidget(QWidget):
         self.adapt_check.setChecked(s.get("adapt"))
         self.adapt_spin.setValue(s.get("adapt_seconds"))
         self.predict_after_check.setChecked(s.get("predict_after"))
+        self.all_slices_check.setChecked(s.get("all_slices"))
         self.uncertainty_check.setChecked(s.get("show_uncertainty"))
         self._select_data(self.level_combo, s.get("level"))
         self.head_spin.setValue(s.get("head"))
@@ -354,6 +361,7 @@ class KafWidget(QWidget):
         self.adapt_check.toggled.connect(lambda value: s.set("adapt", value))
         self.adapt_spin.valueChanged.connect(lambda value: s.set("adapt_seconds", value))
         self.predict_after_check.toggled.connect(lambda value: s.set("predict_after", value))
+        self.all_slices_check.toggled.connect(lambda value: s.set("all_slices", value))
         self.uncertainty_check.toggled.connect(lambda value: s.set("show_uncertainty", value))
         self.level_combo.currentIndexChanged.connect(
             lambda _i: s.set("level", self.level_combo.currentData())
@@ -865,7 +873,8 @@ class KafWidget(QWidget):
     def on_keypoints_clicked(self) -> None:
         self._stop_or_start(self.keypoints_button, self.start_explain)
 
-    def start_explain(self) -> bool:
+    def start_explain(self, slice_index: int | None = None) -> bool:
+        """Keypoints and attention of `slice_index` (default: the slice in view) on a worker."""
         if self._refuse_if_busy():
             return False
         try:
@@ -885,7 +894,7 @@ class KafWidget(QWidget):
             self._report_error(error)
             return False
         axis = prepared.slice_axis
-        index = self.current_slice(image_layer, axis)
+        index = self.current_slice(image_layer, axis) if slice_index is None else slice_index
         self._explained_shape = volume.shape
         return self._start_job(
             "explaining",
@@ -913,10 +922,9 @@ class KafWidget(QWidget):
         self.keypoint_spin.setValue(NO_KEYPOINT)
         self.keypoint_spin.blockSignals(False)
 
-        points = keypoints_to_points(
-            explanation.keypoints, explanation.slice_index, explanation.prepared.slice_axis
-        )
-        features = self._keypoint_features(explanation)
+        every_slice = range(explanation.prepared.slice_count)
+        shown = every_slice if self.all_slices_check.isChecked() else [explanation.slice_index]
+        points, features = self._keypoint_points(explanation, shown)
         metadata = {"slice": explanation.slice_index, "slice_axis": explanation.prepared.slice_axis}
         size = 1.5 * float(min(self._explained_grid["scale"][-2:]))  # 1.5 pixels across
         if KEYPOINTS in self.viewer.layers and isinstance(self.viewer.layers[KEYPOINTS], Points):
@@ -959,15 +967,32 @@ class KafWidget(QWidget):
             f"{count} keypoints on slice {explanation.slice_index}: click one to see where its attention "
             "goes."
         )
+        if self._keypoint_after_explain is not None:
+            keypoint, self._keypoint_after_explain = self._keypoint_after_explain, None
+            self.go_to_slice(self.image_layer(), explanation.prepared.slice_axis, explanation.slice_index)
+            self.select_keypoint(keypoint)
 
-    def _keypoint_features(self, explanation: Any) -> dict[str, np.ndarray]:
-        count = len(explanation.keypoints)
-        return {
-            "index": np.arange(count),
-            "score": np.asarray(explanation.scores, dtype=np.float32),
-            "level": np.full(count, self.level_combo.currentData() or 1),
-            "head": np.full(count, self.head_spin.value()),
-        }
+    def _keypoint_points(self, explanation: Any, slices: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(z, y, x) points and features of the keypoints of `slices`: the explained slice's from the
+        explanation, the others' from the prepared volume (detected when it was predicted)."""
+        prepared = explanation.prepared
+        blocks, columns = [], {"slice": [], "index": [], "score": []}
+        for index in slices:
+            if index == explanation.slice_index:
+                positions, scores = explanation.keypoints, explanation.scores
+            else:
+                keypoints = prepared.keypoints(index)
+                positions = prepared.layout.points_from_model(keypoints.coords)
+                scores = keypoints.scores
+            blocks.append(keypoints_to_points(positions, index, prepared.slice_axis))
+            columns["slice"].append(np.full(len(positions), index))
+            columns["index"].append(np.arange(len(positions)))
+            columns["score"].append(np.asarray(scores, dtype=np.float32))
+        features = {name: np.concatenate(parts) for name, parts in columns.items()}
+        count = len(features["index"])
+        features["level"] = np.full(count, self.level_combo.currentData() or 1)
+        features["head"] = np.full(count, self.head_spin.value())
+        return np.concatenate(blocks), features
 
     def _on_keypoint_selection(self, *_args: Any) -> None:
         if KEYPOINTS not in self.viewer.layers:
@@ -977,17 +1002,29 @@ class KafWidget(QWidget):
         if not selected:
             return
         chosen = selected.active if selected.active is not None else min(selected)
-        self.keypoint_spin.setValue(int(layer.features["index"].iloc[int(chosen)]))
+        keypoint = int(layer.features["index"].iloc[int(chosen)])
+        on_slice = int(layer.features["slice"].iloc[int(chosen)])
+        if self._explanation is not None and on_slice != self._explanation.slice_index:
+            # A keypoint of another slice (all slices shown): explain that slice, then show its attention.
+            if self.start_explain(on_slice):
+                self._keypoint_after_explain = keypoint
+            return
+        self.keypoint_spin.setValue(keypoint)
 
-    def select_keypoint(self, keypoint: int) -> None:
-        """Select keypoint `keypoint` in the keypoints layer, as a click would."""
+    def select_keypoint(self, keypoint: int, slice_index: int | None = None) -> None:
+        """Select keypoint `keypoint` of `slice_index` (default: the explained slice) in the keypoints
+        layer, as a click would."""
         layer = self.viewer.layers[KEYPOINTS]
-        layer.selected_data = {int(keypoint)}
+        on_slice = self._explanation.slice_index if slice_index is None else slice_index
+        rows = np.flatnonzero((layer.features["slice"] == on_slice) & (layer.features["index"] == keypoint))
+        if not len(rows):
+            raise InputDataError(f"slice {on_slice} has no keypoint {keypoint} in the keypoints layer")
+        layer.selected_data = {int(rows[0])}
 
     def _on_level_or_head(self, _value: Any = None) -> None:
         if self._explanation is not None and KEYPOINTS in self.viewer.layers:
             layer = self.viewer.layers[KEYPOINTS]
-            if len(layer.data) == len(self._explanation.keypoints):
+            if "level" in layer.features:
                 layer.features["level"] = self.level_combo.currentData() or 1
                 layer.features["head"] = self.head_spin.value()
         self.request_attention()

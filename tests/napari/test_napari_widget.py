@@ -336,6 +336,38 @@ def test_whole_loop(painted, qtbot, tmp_path, notifications, wait_idle, plugins)
     assert not _errors(notifications), notifications
 
 
+def test_keypoints_of_all_slices_and_attention_of_another_slice(painted, qtbot, notifications, wait_idle):
+    """With "Keypoints of all slices" the layer holds every slice's keypoints; choosing one on another
+    slice explains that slice, moves the view there and shows that keypoint's attention."""
+    widget, image, _ = painted
+    viewer = widget.viewer
+    assert widget.start_finetune()
+    wait_idle(widget)
+    viewer.dims.set_point(0, 4 * image.scale[0])
+    widget.all_slices_check.setChecked(True)
+    widget.keypoints_button.click()
+    wait_idle(widget)
+    points = viewer.layers[KEYPOINTS]
+    slices = points.features["slice"].to_numpy()
+    assert set(slices) == set(range(image.data.shape[0]))
+    np.testing.assert_array_equal(points.data[:, 0], slices)  # each point lies on its own slice
+    on_four = slices == 4
+    np.testing.assert_array_equal(points.features["index"][on_four], np.arange(on_four.sum()))
+    np.testing.assert_allclose(points.data[on_four, 1:], widget._explanation.keypoints)
+    assert widget._explanation.slice_index == 4
+
+    widget.select_keypoint(1, slice_index=7)
+    qtbot.waitUntil(lambda: ATTENTION in viewer.layers, timeout=60_000)
+    wait_idle(widget)
+    assert widget._explanation.slice_index == 7 and widget.keypoint_spin.value() == 1
+    assert widget.current_slice(image, 0) == 7
+    attention = viewer.layers[ATTENTION]
+    assert attention.metadata["slice"] == 7 and attention.metadata["keypoint"] == 1
+    assert attention.data[7].max() == pytest.approx(1.0)
+    assert not np.delete(attention.data, 7, axis=0).any()
+    assert not _errors(notifications), notifications
+
+
 def test_predict_from_a_saved_checkpoint(viewer, make_widget, tmp_path, notifications, wait_idle):
     """Without a session model, Predict uses a fine-tuned checkpoint file, and refuses a pretrained one."""
     image, _, _ = _add_synthetic(viewer)

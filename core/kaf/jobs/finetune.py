@@ -36,7 +36,8 @@ class FinetuneSettings:
     time_budget: float | None = None  # seconds; training stops at whichever of steps / time comes first
     batch_size: int = 4
     crop_size: int = 128  # training crops; inference runs on whole slices
-    # Chosen on ACDC with 2 annotated slices (BENCHMARKS.md): 3e-3 converges within the budget, 1e-3 did not.
+    # Chosen on ACDC with 2 annotated slices (README.md, Results so far): 3e-3 converges within the
+    # budget, 1e-3 did not.
     learning_rate: float = 3e-3
     final_learning_rate: float = 3e-4  # cosine per step down to this floor
     weight_decay: float = 1e-5

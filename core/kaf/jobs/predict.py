@@ -41,8 +41,8 @@ def keep_largest_components(labels: np.ndarray, classes: int) -> np.ndarray:
     """Each foreground class keeps only its largest 3D connected component; the rest becomes background.
 
     A few-slice model's mistakes are mostly small islands far from the structure, so this removes
-    them (on ACDC it is worth more than 0.1 Dice, see BENCHMARKS.md); structures made of several
-    separate pieces should turn it off.
+    them (on the ACDC volumes of README.md's results it was worth more than 0.1 Dice); structures
+    made of several separate pieces should turn it off.
     """
     keep = KeepLargestConnectedComponent(applied_labels=list(range(1, classes)), independent=True)
     return keep(torch.from_numpy(labels[None].astype(np.int64)))[0].numpy().astype(labels.dtype)
