@@ -171,8 +171,8 @@ QUICK = Budget(
     # KAF's paper optimiser (SGD 0.002) barely moves the weights in a short run: 600 steps of batch 16 on
     # hippocampus moved the encoder by 2.4 % (relative L2) from its initialisation. The others use Adam.
     pretrain_learning_rate={"kaf": 0.02},
-    # Measured on 2 idle cores (s/step, KAF / UNet): ACDC 0.74 / 0.11, hippocampus 0.33 / 0.05; 108
-    # fine-tunings leave about 80 steps each in the hour: far from converged (see BENCHMARKS.md).
+    # Measured on 2 idle cores (s/step, KAF / UNet): ACDC 0.74 / 0.11, hippocampus 0.33 / 0.05. With 80
+    # steps the whole quick run took 31 min (BENCHMARKS.md), so about 150 would still fit the hour.
     finetune=FinetuneSettings(preset="interactive", steps=80, batch_size=4, crop_size=96),
     finetune_epochs=None,
     annotator_steps=80,
