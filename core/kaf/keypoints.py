@@ -319,6 +319,14 @@ def pad_keypoints(per_slice: Sequence[SliceKeypoints], max_keypoints: int) -> Ke
     return KeypointBatch(coords=coords, mask=mask, scores=scores)
 
 
+def used_length(mask: torch.Tensor) -> int:
+    """How many columns of a padded keypoint mask hold a real keypoint in some row (at least 1).
+    `pad_keypoints` puts each slice's real keypoints first, so the columns past this are padding in every
+    row and can be dropped: small slices have far fewer keypoints than the cap, and attention and Sinkhorn
+    work shrinks with the length."""
+    return max(1, int(mask.sum(1).max()))
+
+
 def _check_image(image: np.ndarray) -> None:
     if np.ndim(image) != 2 or min(np.shape(image)) < 1:
         raise InputDataError(f"Expected a non-empty 2D slice (H, W), got shape {np.shape(image)}.")

@@ -33,6 +33,7 @@ from kaf.jobs.finetune import (
     train_on_pool,
 )
 from kaf.jobs.finetune import model_config as preset_model_config
+from kaf.keypoints import used_length
 from kaf.models import ModelConfig, preset_config
 from kaf.preparation import PreparedVolume
 
@@ -98,9 +99,7 @@ def pool_slices(volumes: Sequence[LabelledVolume]) -> SlicePool:
     images, labels, keypoints, mask = (
         torch.cat([getattr(p, f.name) for p in padded]) for f in fields(SlicePool)
     )
-    # Valid keypoints come first, so columns past the longest list are padding in every slice: dropping
-    # them spares attention work (small slices have far fewer keypoints than the cap).
-    length = max(1, int(mask.sum(1).max()))
+    length = used_length(mask)
     return SlicePool(images, labels, keypoints[:, :length], mask[:, :length])
 
 

@@ -19,6 +19,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
+from kaf.keypoints import used_length
 from kaf.models import KafUNet
 from kaf.models.kaf_layer import AttentionBlock, KeypointEncoder, normalise_positions
 from kaf.models.unet import SIDE_MULTIPLE
@@ -148,9 +149,7 @@ class KafPretraining(PretrainMethod):
             matches[index, : len(item["matches"])] = torch.from_numpy(item["matches"])
         views = first + second
         keypoint_mask = torch.stack([view[2] for view in views])
-        # Valid keypoints come first, so columns past the longest list are padding everywhere: dropping
-        # them spares attention and Sinkhorn work (small slices have far fewer keypoints than the cap).
-        length = max(1, int(keypoint_mask.sum(1).max()))
+        length = used_length(keypoint_mask)
         return KafPairBatch(
             images=torch.stack([view[0] for view in views]),
             keypoints=torch.stack([view[1] for view in views])[:, :length],
