@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kaf.sample_data import ring_and_disc
 from kaf.volume_io import Volume
 from napari_kaf._marshal import layer_kwargs
 
@@ -32,17 +33,7 @@ def synthetic_volume(
     slices: int = 12, height: int = 64, width: int = 64, seed: int = 0
 ) -> tuple[Volume, np.ndarray]:
     """A ring (label 1) around a disc (label 2) whose radius changes along z, on noise and a bias field."""
-    rng = np.random.default_rng(seed)
-    rows, cols = np.mgrid[:height, :width]
-    image = rng.normal(0.0, 0.15, (slices, height, width)).astype(np.float32)
-    labels = np.zeros((slices, height, width), dtype=np.uint8)
-    for z in range(slices):
-        radius = 6 + 8 * np.sin(np.pi * (z + 1) / (slices + 1))
-        distance = np.hypot(rows - height / 2, cols - width / 2 - 4)
-        labels[z][distance < radius + 4] = 1
-        labels[z][distance < radius] = 2
-        image[z] += np.choose(labels[z], [0.0, 1.0, 2.0]).astype(np.float32)
-    image += 0.3 * np.linspace(0.0, 1.0, width, dtype=np.float32)
+    image, labels = ring_and_disc(slices, height, width, seed, noise=0.15, radius=(6, 8), shift=4)
     affine = np.diag([1.0, 1.0, 3.0, 1.0])  # 1 mm in-plane, 3 mm between slices
     return Volume(image, affine), labels
 
