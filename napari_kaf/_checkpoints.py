@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kaf.default_weights import shipped_checkpoint
+from kaf.default_weights import DEFAULT_KEYWORD, RANDOM_KEYWORD, shipped_checkpoint
 from kaf.errors import CheckpointError
 
 FILE_CHOICE = "file"
@@ -19,12 +19,12 @@ class ShippedCheckpoint:
 
 
 SHIPPED_CHECKPOINTS: dict[str, ShippedCheckpoint] = {
-    "default": ShippedCheckpoint(
-        key="default", label="Default: KAF-pretrained (MSD hippocampus MRI, shipped)", shipped=True
+    DEFAULT_KEYWORD: ShippedCheckpoint(
+        key=DEFAULT_KEYWORD, label="Default: KAF-pretrained (MSD hippocampus MRI, shipped)", shipped=True
     ),
-    "random": ShippedCheckpoint(key="random", label="Random initialisation", shipped=False),
+    RANDOM_KEYWORD: ShippedCheckpoint(key=RANDOM_KEYWORD, label="Random initialisation", shipped=False),
 }
-DEFAULT_CHOICE = "default"
+DEFAULT_CHOICE = DEFAULT_KEYWORD
 
 
 def menu_entries() -> list[tuple[str, str]]:

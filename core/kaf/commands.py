@@ -19,6 +19,7 @@ import numpy as np
 from kaf.annotation import sparse_annotation
 from kaf.atomic import refuse_overwrite, replace_atomically
 from kaf.checkpoints import CUSTOM_PRESET, save_checkpoint
+from kaf.default_weights import RANDOM_KEYWORD
 from kaf.devices import cpu_warning, resolve_device
 from kaf.errors import InputDataError
 from kaf.figures import attention_figure
@@ -59,9 +60,6 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError as error:
         raise InputDataError(f"{what} must be comma-separated integers, got '{text}'") from error
-
-
-RANDOM_INIT = "random"
 
 
 def _warn_on_cpu(device_name: str) -> None:
@@ -268,7 +266,8 @@ def demo(args, printer, cancel, run) -> dict:
     annotation = sparse_annotation(sparse, 0, annotated, classes)
     settings = _settings(args)
     _warn_on_cpu(args.device)
-    init = None if args.checkpoint == RANDOM_INIT else load_initialisation(args.checkpoint, settings.preset)
+    random_init = args.checkpoint == RANDOM_KEYWORD
+    init = None if random_init else load_initialisation(args.checkpoint, settings.preset)
     prepared = prepare_for_training(image, settings.preset)
     result = run(finetune_job(prepared, annotation, settings, init, names, cancel), printer)
     prediction = run(predict_job(result.model, prepared, args.device, 4, cancel), printer)

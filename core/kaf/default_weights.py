@@ -16,6 +16,7 @@ from kaf.checkpoints import CheckpointMetadata, in_groups, load_checkpoint, save
 from kaf.errors import CheckpointError
 
 DEFAULT_KEYWORD = "default"
+RANDOM_KEYWORD = "random"  # where a starting checkpoint is asked for: none, random initialisation
 WEIGHTS_FILE = "kaf-interactive-msd-hippocampus.safetensors"
 
 
