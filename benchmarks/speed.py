@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from kaf.host_memory import peak_resident_bytes
+from kaf.jobs.predict import default_inference_batch
 from kaf.models import KafUNet, preset_config
 
 VARIANTS = {"KAF": lambda c: c, "UNet(c2)": lambda c: c.without_kaf(), "UNet(c1)": lambda c: c.plain_unet()}
@@ -63,14 +64,15 @@ def measure(preset: str, variant: str, threads: int, repeats: int) -> dict:
     step_seconds = (time.perf_counter() - start) / repeats
 
     model.eval()
-    image, keypoints, mask = inputs(4, infer_side)
+    infer_batch = default_inference_batch(torch.device("cpu"))  # what `kaf predict` uses here
+    image, keypoints, mask = inputs(infer_batch, infer_side)
     with torch.no_grad():
         model(image, keypoints, mask)
         start = time.perf_counter()
         for _ in range(repeats):
             model(image, keypoints, mask)
-    slices_per_second = 4 * repeats / (time.perf_counter() - start)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    slices_per_second = infer_batch * repeats / (time.perf_counter() - start)
+    peak_mb = peak_resident_bytes() / 2**20
     return {
         "preset": preset,
         "variant": variant,
@@ -116,7 +118,7 @@ def interactive_loop(threads: int) -> str:
     seconds = time.perf_counter() - start
     dice, _ = dice_on_unannotated(prediction.labels, reference, annotated, 4)
     copy, _ = dice_on_unannotated(copy_nearest_annotated(reference, annotated), reference, annotated, 4)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_resident_bytes() / 2**20
     return (
         f"Interactive loop ({name}, slices {annotated} annotated, {len(result.losses)} steps, "
         f"{threads} threads): "

@@ -116,7 +116,7 @@ def predict_task(
     device: str,
     cancel: CancelToken,
     threads: int | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
 ) -> Events:
     """Predict with the session's model, or with a fine-tuned checkpoint file when there is none yet."""
     _use_threads(threads)

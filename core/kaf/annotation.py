@@ -10,6 +10,9 @@ import numpy as np
 from kaf.errors import InputDataError
 from kaf.slices import take_slices
 
+# Predictions are written as 16-bit label maps (kaf.jobs.predict), so labels run from 0 to 65535 at most.
+MAX_CLASSES = 2**16
+
 
 @dataclass(frozen=True)
 class SparseAnnotation:
@@ -56,6 +59,11 @@ def sparse_annotation(
             "explicitly) before fine-tuning."
         )
     found = int(labels.max()) + 1
+    if found > MAX_CLASSES:
+        raise InputDataError(
+            f"{source}: holds label {found - 1}, but labels run from 0 to {MAX_CLASSES - 1} at most; number "
+            "the structures 1, 2, 3, ..."
+        )
     classes = classes or max(found, 2)
     if found > classes:
         raise InputDataError(

@@ -200,6 +200,26 @@ def _check_container(path: Path) -> None:
             f"{path} is truncated or is not a checkpoint: its {size} bytes do not hold a complete "
             "safetensors header. Copy the checkpoint again, or choose another file."
         )
+    announced = _announced_size(path, header_end)
+    if announced is not None and size < announced:
+        raise CheckpointError(
+            f"{path} is truncated: its header announces {announced} bytes but the file holds only {size}. "
+            "Copy the checkpoint again, or choose another file."
+        )
+
+
+def _announced_size(path: Path, header_end: int) -> int | None:
+    """The file size a safetensors header announces (header plus the end of the last tensor), or None when
+    the header is not what safetensors writes; safetensors itself then says what is wrong."""
+    with path.open("rb") as file:
+        file.seek(LENGTH_BYTES)
+        text = file.read(header_end - LENGTH_BYTES)
+    try:
+        entries = json.loads(text)
+        ends = [entry["data_offsets"][1] for name, entry in entries.items() if name != "__metadata__"]
+        return header_end + max(ends, default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
 
 
 def _read_metadata(header: dict[str, str] | None, path: Path) -> CheckpointMetadata:
@@ -224,6 +244,22 @@ def fingerprint_arrays(*arrays: np.ndarray) -> str:
 
 def build_model(metadata: CheckpointMetadata) -> KafUNet:
     return KafUNet(metadata.model_config())
+
+
+def model_with_weights(
+    state: Mapping[str, torch.Tensor], metadata: CheckpointMetadata, path: str | Path
+) -> KafUNet:
+    """The model a checkpoint's metadata describes, holding the checkpoint's weights. Weights that do not fit
+    the checkpoint's own metadata mean a damaged or hand-edited file, not a wrong choice of the user's."""
+    model = build_model(metadata)
+    expected = model.state_dict()
+    problems = _mismatches(expected, state, list(expected), list(state))
+    if problems:
+        raise _damaged(
+            path, f"its weights do not fit the model its metadata describes ({'; '.join(problems)})"
+        )
+    model.load_state_dict(state)
+    return model
 
 
 # --- putting weights into a model --------------------------------------------------------------------------

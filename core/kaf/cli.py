@@ -171,7 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--uncertainty", help="also write the normalised entropy (0 = certain, 1 = uniform) here"
     )
-    predict.add_argument("--batch-size", type=int, default=4, help="slices per forward pass")
+    predict.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="slices per forward pass (default: 1 on the CPU, where it is fastest per slice; 4 on a GPU)",
+    )
     predict.add_argument(
         "--keep-all-components",
         action="store_true",

@@ -71,7 +71,6 @@ def _warn_on_cpu(device_name: str) -> None:
 def finetune(args, printer, cancel, run) -> dict:
     refuse_overwrite([args.out], args.force)
     settings = _settings(args)
-    _warn_on_cpu(args.device)
     image = read_volume(args.image)
     annotation = read_annotation(
         args.labels, image, args.slice_axis, _int_list(args.annotated_slices, "--annotated-slices")
@@ -88,6 +87,8 @@ def finetune(args, printer, cancel, run) -> dict:
         init.metadata.model_config() if init and settings.preset == CUSTOM_PRESET else settings.preset
     )
     prepared = prepare_for_training(image, architecture, args.slice_axis, args.modality, args.max_side)
+    # Only once every input has been checked, so that an error message stands alone.
+    _warn_on_cpu(args.device)
     result = run(finetune_job(prepared, annotation, settings, init, names, cancel), printer)
     save_checkpoint(args.out, result.model.state_dict(), result.metadata)
     summary = {

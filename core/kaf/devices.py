@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-from pathlib import Path
 
 import torch
 
 from kaf.errors import DeviceError
+from kaf.host_memory import available_ram_bytes
 
 AUTO = "auto"
 CUDA_NAME = re.compile(r"cuda(?::(\d+))?")
@@ -134,19 +133,9 @@ def free_memory_bytes(device: torch.device) -> int:
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return free + cached
     if device.type == "cpu":
-        return _free_cpu_memory_bytes()
-    return UNKNOWN_FREE_BYTES
-
-
-def _free_cpu_memory_bytes() -> int:
-    """MemAvailable (free plus reclaimable caches) on Linux; the system's free pages elsewhere."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    with contextlib.suppress(AttributeError, ValueError, OSError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    # Windows has neither: without a number, let the allocation itself report a shortage.
+        available = available_ram_bytes()
+        # Without a number, let the allocation itself report a shortage.
+        return UNKNOWN_FREE_BYTES if available is None else available
     return UNKNOWN_FREE_BYTES
 
 

@@ -10,7 +10,6 @@ Files are checked as they are read; a damaged or unusable file raises `InputFile
 from __future__ import annotations
 
 import gzip
-import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -21,11 +20,14 @@ import nrrd
 import numpy as np
 import pydicom
 from nibabel.filebasedimages import ImageFileError
+from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.uid import UID
 
 from kaf.atomic import replace_atomically
 from kaf.errors import InputDataError, InputFileError
+from kaf.host_memory import available_ram_bytes
 
 SUPPORTED_FORMATS = (
     "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .seg.nrrd, .nhdr) or a folder holding one DICOM series"
@@ -88,6 +90,8 @@ def read_volume(path: str | Path) -> Volume:
         raise InputFileError(path, "does not exist")
     if path.is_dir():
         return _read_dicom_folder(path)
+    if path.stat().st_size == 0:
+        raise InputFileError(path, "is empty (0 bytes): the copy or export that made it did not finish")
     name = path.name.lower()
     if name.endswith((".nii", ".nii.gz")):
         return _read_nifti(path)
@@ -171,6 +175,7 @@ def write_labels(labels_zyx: np.ndarray, reference: Volume, path: str | Path) ->
 
 def _read_nifti(path: Path) -> Volume:
     try:
+        _check_stored_voxel_sizes(path)
         # mmap=False: a memory-mapped file stays open, which blocks overwriting it later on Windows.
         image = nib.load(path, mmap=False)
     except _NIFTI_ERRORS as exc:
@@ -188,6 +193,28 @@ def _read_nifti(path: Path) -> Volume:
     except (OSError, ValueError) as exc:
         raise InputFileError(path, _too_little_data(shape_xyz)) from exc
     return _checked_volume(path, data.reshape(shape_xyz), image.affine)
+
+
+def _check_stored_voxel_sizes(path: Path) -> None:
+    """Refuse voxel sizes of 0 or below where they place the voxels (no sform), before nibabel loads the
+    file: it would print a warning and quietly use 1 or the absolute value, and other programs repair
+    such a header differently, so the image would sit elsewhere in each of them."""
+    with ImageOpener(path) as file:
+        block = file.read(nib.Nifti2Header.template_dtype.itemsize)
+    kind = next((k for k in (nib.Nifti1Header, nib.Nifti2Header) if k.may_contain_header(block)), None)
+    if kind is None:
+        return  # not NIfTI-1 or -2: nib.load says what it is
+    header = kind(block[: kind.template_dtype.itemsize], check=False)
+    axes = min(int(header["dim"][0]), 3)
+    sizes_xyz = header["pixdim"][1 : 1 + axes]
+    if header["sform_code"] > 0 or np.all(sizes_xyz > 0):
+        return
+    shown = ", ".join(f"{axis} {size:g}" for axis, size in zip("xyz", sizes_xyz, strict=False))
+    raise InputFileError(
+        path,
+        f"stores a voxel size that is not a positive number ({shown} mm) and no sform to place the voxels "
+        "otherwise; fix its header, as programs repair such a header in different ways",
+    )
 
 
 def _write_nifti(array_zyx: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -339,6 +366,12 @@ def _dicom_slice(path: Path) -> _DicomSlice | None:
     except _DICOM_ERRORS:
         return None
     if not all(key in header for key in ("ImagePositionPatient", "SeriesInstanceUID", "Rows")):
+        if _cut_short_image(path, header):
+            raise InputFileError(
+                path,
+                "is a DICOM image file that ends before its image data: it is truncated or damaged; copy the "
+                "series again, or remove this file",
+            )
         return None
     if "ImageOrientationPatient" not in header or "PixelSpacing" not in header:
         raise InputFileError(
@@ -362,6 +395,22 @@ def _dicom_slice(path: Path) -> _DicomSlice | None:
         )
     except _DICOM_ERRORS as exc:
         raise InputFileError(path, "is a DICOM slice with a damaged header") from exc
+
+
+def _cut_short_image(path: Path, header: pydicom.Dataset) -> bool:
+    """Whether a DICOM file that cannot be placed is an image slice cut short (so the series would silently
+    lose a slice), rather than a complete non-image file (DICOMDIR, report) or an unplaced screenshot: it
+    names no kind of object at all, or an image kind but holds no pixel data."""
+    kind = header.file_meta.get("MediaStorageSOPClassUID") or header.get("SOPClassUID")
+    if kind is None:
+        return True
+    if "Image Storage" not in UID(str(kind)).name:
+        return False
+    try:
+        # defer_size: large values (the pixels) are skipped over, not read.
+        return "PixelData" not in pydicom.dcmread(path, defer_size=1024)
+    except _DICOM_ERRORS:
+        return True
 
 
 def _check_single_series(folder: Path, slices: list[_DicomSlice]) -> None:
@@ -481,37 +530,20 @@ def _check_shape(path: Path, shape_xyz: tuple[int, ...]) -> None:
 
 def _check_memory(path: Path, shape_xyz: tuple[int, ...]) -> None:
     needed = int(np.prod(shape_xyz, dtype=np.int64)) * FLOAT32_BYTES * WORKING_COPIES
-    available = _available_memory_bytes()
+    available = available_ram_bytes()
     if available is not None and needed > available:
         raise InputFileError(
             path,
-            f"is too large: its {_format_shape(shape_xyz)} voxels need about {needed / 2**30:.1f} GiB of "
-            f"memory to process but only {available / 2**30:.1f} GiB is available; crop or downsample it "
+            f"is too large: its {_format_shape(shape_xyz)} voxels need about {needed / 2**30:,.1f} GiB of "
+            f"memory to process but only {available / 2**30:,.1f} GiB is available; crop or downsample it "
             "first",
         )
 
 
-def _available_memory_bytes() -> int | None:
-    """Memory the system can give us now, or None when it cannot be found out."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def _check_voxel_type(path: Path, dtype: np.dtype) -> None:
     if dtype.kind not in "biuf":
-        raise InputFileError(
-            path,
-            f"stores its voxels as '{dtype}' (colour or complex values); one grey level per voxel is needed",
-        )
+        stored = f"colour values ({', '.join(dtype.names)})" if dtype.names else f"'{dtype}' values"
+        raise InputFileError(path, f"stores its voxels as {stored}; one grey level per voxel is needed")
 
 
 def _check_affine(path: Path, affine: np.ndarray) -> None:

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from kaf.annotation import SparseAnnotation, sparse_annotation
-from kaf.checkpoints import CheckpointMetadata, check_compatible, load_checkpoint, load_weights
-from kaf.checkpoints import build_model as model_from_metadata
+from kaf.checkpoints import CheckpointMetadata, check_compatible, load_checkpoint, model_with_weights
 from kaf.default_weights import resolve_checkpoint
 from kaf.errors import CheckpointError
 from kaf.intensity import IntensityNormalization, fit_normalization
@@ -84,9 +83,7 @@ def load_finetuned_model(path: str | Path) -> tuple[KafUNet, CheckpointMetadata]
             f"{path} holds pretrained weights ('{metadata.method}'), not a fine-tuned model: fine-tune from "
             "it first, then predict."
         )
-    model = model_from_metadata(metadata)
-    load_weights(model, state, None, source=str(path))
-    return model.eval(), metadata
+    return model_with_weights(state, metadata, path).eval(), metadata
 
 
 def open_image(path: str | Path) -> Volume:

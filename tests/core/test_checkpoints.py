@@ -22,6 +22,7 @@ from kaf.checkpoints import (
     fingerprint_arrays,
     load_checkpoint,
     load_weights,
+    model_with_weights,
     save_checkpoint,
 )
 from kaf.errors import CheckpointError, KafError
@@ -185,6 +186,19 @@ def test_truncated_checkpoint_is_refused(tmp_path: Path, kept: float) -> None:
     assert str(path) in str(caught.value)
 
 
+def test_checkpoint_cut_in_its_tensors_says_how_much_is_missing(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, small_model().state_dict(), make_metadata())
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) - 1000])
+
+    with pytest.raises(
+        CheckpointError,
+        match=rf"is truncated: .* announces {len(content)} bytes .* only {len(content) - 1000}",
+    ):
+        load_checkpoint(path)
+
+
 def test_random_bytes_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "noise.safetensors"
     path.write_bytes(random.Random(0).randbytes(4096))
@@ -323,6 +337,24 @@ def test_partial_transfer_from_other_attention_blocks_fails(source_blocks: int, 
 def test_unknown_group_is_refused() -> None:
     with pytest.raises(KafError, match="unknown parameter groups \\['encoders'\\]"):
         load_weights(small_model(), small_model().state_dict(), ["encoders"])
+
+
+def test_weights_that_contradict_their_own_metadata_mean_a_damaged_checkpoint() -> None:
+    state = small_model(base_width=8).state_dict()
+
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors is damaged .* do not fit the model its metadata"
+    ):
+        model_with_weights(state, make_metadata(), "model.safetensors")
+
+
+def test_model_with_weights_holds_the_checkpoints_weights() -> None:
+    state = small_model(seed=3).state_dict()
+
+    model = model_with_weights(state, make_metadata(), "model.safetensors")
+
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
 
 
 # --- compatibility and fingerprints ------------------------------------------------------------------------

@@ -167,6 +167,7 @@ def test_bad_input_gives_a_message_without_traceback_and_writes_nothing(case, tm
     error = capsys.readouterr().err
     assert code == EXIT_USER_ERROR
     assert phrase.lower() in error.lower() and "Traceback" not in error
+    assert len(error.strip().splitlines()) == 1  # the CPU warning comes only once the inputs are good
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
 
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kaf import devices
+from kaf import devices, host_memory
 from kaf.devices import (
     autocast,
     autocast_dtype,
@@ -180,12 +180,18 @@ def test_check_memory_passes_a_small_request() -> None:
 
 
 def test_cpu_memory_falls_back_to_sysconf_without_proc_meminfo(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(devices, "Path", lambda _: Path("/nonexistent/meminfo"))
+    monkeypatch.setattr(host_memory, "Path", lambda _: Path("/nonexistent/meminfo"))
     monkeypatch.setattr(
-        devices.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}[name]
+        host_memory.os, "sysconf", lambda name: {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}[name]
     )
 
     assert free_memory_bytes(CPU) == 4_096_000
+
+
+def test_cpu_memory_is_unlimited_when_the_system_does_not_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices, "available_ram_bytes", lambda: None)
+
+    check_memory(CPU, 1 << 50, "predicting")  # the allocation itself will report a real shortage
 
 
 @pytest.mark.usefixtures("fake_gpu")

@@ -100,6 +100,20 @@ def test_predict_returns_probabilities_and_labels_on_the_original_grid(prepared_
     assert uncertainty.shape == labels.shape and uncertainty.min() >= 0 and uncertainty.max() <= 1
 
 
+def test_predict_goes_one_slice_at_a_time_on_the_cpu_and_any_batch_gives_the_same_result(
+    prepared_and_annotation,
+):
+    prepared, annotation, _ = prepared_and_annotation
+    model = drive(finetune(prepared, annotation, QUICK)).model
+    events = []
+    one_at_a_time = drive(predict(model, prepared, "cpu"), events.append)
+    assert [e.step for e in events] == list(range(1, prepared.slice_count + 1))
+    batched = drive(predict(model, prepared, "cpu", batch_size=4))
+    np.testing.assert_allclose(batched.probabilities, one_at_a_time.probabilities, atol=1e-5)
+    with pytest.raises(InputDataError, match="at least 1"):
+        drive(predict(model, prepared, "cpu", batch_size=0))
+
+
 def test_explain_gives_keypoints_and_attention_maps_on_the_slice(prepared_and_annotation):
     prepared, annotation, labels = prepared_and_annotation
     model = drive(finetune(prepared, annotation, QUICK)).model

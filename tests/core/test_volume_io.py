@@ -9,7 +9,8 @@ import nrrd
 import numpy as np
 import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
+from volume_factory import write_dicom_slice
 
 from kaf import volume_io
 from kaf.errors import InputDataError, InputFileError
@@ -197,31 +198,10 @@ def slice_origin(index: float) -> np.ndarray:
     return np.array([-30.0, 40.0, 5.0]) + index * SLICE_STEP_MM * normal
 
 
-def write_dicom_slice(path: Path, index: float, series_uid: str) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesDescription = "synthetic"
-    ds.ImageOrientationPatient = [*ROW_DIRECTION, *COLUMN_DIRECTION]
-    ds.ImagePositionPatient = list(slice_origin(index))
-    ds.PixelSpacing = list(PIXEL_SPACING)
-    ds.RescaleSlope = 2
-    ds.RescaleIntercept = -1024
+def write_slice(path: Path, index: float, series_uid: str) -> None:
+    directions = (ROW_DIRECTION, COLUMN_DIRECTION)
     pixels = slice_pixels(int(index))
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    write_dicom_slice(path, pixels, slice_origin(index), series_uid, directions, PIXEL_SPACING, (2, -1024))
 
 
 def write_dicom_series(folder: Path, indices: list[float], series_uid: str | None = None) -> Path:
@@ -229,7 +209,7 @@ def write_dicom_series(folder: Path, indices: list[float], series_uid: str | Non
     series_uid = series_uid or generate_uid()
     # File names in an order unrelated to the slice order, as scanners often produce.
     for name_number, index in zip([7, 3, 9, 1, 5, 8, 2], indices, strict=False):
-        write_dicom_slice(folder / f"IM{name_number:04d}_{series_uid[-6:]}", index, series_uid)
+        write_slice(folder / f"IM{name_number:04d}_{series_uid[-6:]}", index, series_uid)
     return folder
 
 
@@ -266,6 +246,32 @@ def test_dicom_folder_with_two_series_is_refused(tmp_path: Path) -> None:
     write_dicom_series(tmp_path / "series", [0, 1, 2], second)
 
     expect_file_error(tmp_path / "series", "2 DICOM series", first, second, "folder of its own")
+
+
+@pytest.mark.parametrize("kept", [140, 300, 600])
+def test_dicom_slice_cut_short_in_its_header_is_named(tmp_path: Path, kept: int) -> None:
+    """Without the check, a last slice cut short would be skipped as 'not an image' and the volume would
+    silently lose it."""
+    folder = write_dicom_series(tmp_path / "series", [0, 1, 2, 3])
+    last = next(folder.glob("IM0001_*"))  # write_dicom_series names slice 3 (the last) IM0001
+    last.write_bytes(last.read_bytes()[:kept])
+
+    with pytest.raises(InputFileError, match="ends before its image data: it is truncated") as error:
+        read_volume(folder)
+    assert error.value.path == last
+
+
+def test_dicom_files_that_are_not_images_are_still_skipped(tmp_path: Path) -> None:
+    folder = write_dicom_series(tmp_path / "series", [0, 1, 2])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = BasicTextSRStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    report = FileDataset(str(folder / "REPORT"), {}, file_meta=meta, preamble=b"\0" * 128)
+    report.SOPClassUID = BasicTextSRStorage
+    report.save_as(folder / "REPORT", enforce_file_format=True)
+
+    assert read_volume(folder).shape == (3, 3, 4)
 
 
 # --- bad files -----------------------------------------------------------------------------------------
@@ -343,9 +349,51 @@ def test_volume_larger_than_available_memory_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = save_nifti(tmp_path / "image.nii.gz", random_image())
-    monkeypatch.setattr(volume_io, "_available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr(volume_io, "available_ram_bytes", lambda: 1000)
 
     expect_file_error(path, "too large", "GiB")
+
+
+def test_empty_file_is_reported_as_empty(tmp_path: Path) -> None:
+    path = tmp_path / "image.nii.gz"
+    path.write_bytes(b"")
+
+    expect_file_error(path, "is empty (0 bytes)")
+
+
+def write_pixdim_only(path: Path, pixdim_xyz: tuple[float, float, float], sform: bool) -> Path:
+    """A NIfTI whose voxel sizes are stored as given, bypassing nibabel's repair; with or without an sform."""
+    save_nifti(path, random_image())
+    header = nib.load(path).header.copy()
+    if not sform:
+        header.set_sform(None, code=0)
+    header["pixdim"][1:4] = pixdim_xyz
+    content = path.read_bytes()
+    path.write_bytes(header.binaryblock + content[len(header.binaryblock) :])
+    return path
+
+
+@pytest.mark.parametrize(("pixdim", "shown"), [((1.0, -2.0, 3.0), "y -2"), ((1.0, 2.0, 0.0), "z 0")])
+def test_non_positive_stored_voxel_size_without_sform_is_refused(
+    tmp_path: Path, pixdim: tuple[float, float, float], shown: str
+) -> None:
+    path = write_pixdim_only(tmp_path / "image.nii", pixdim, sform=False)
+
+    expect_file_error(path, "not a positive number", shown, "no sform")
+
+
+def test_negative_stored_voxel_size_is_ignored_when_the_sform_places_the_voxels(tmp_path: Path) -> None:
+    path = write_pixdim_only(tmp_path / "image.nii", (1.0, -2.0, 3.0), sform=True)
+
+    np.testing.assert_allclose(read_volume(path).affine, np.eye(4))
+
+
+def test_colour_nifti_names_its_channels(tmp_path: Path) -> None:
+    path = tmp_path / "photo.nii.gz"
+    rgb = np.zeros((6, 5, 4), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), path)
+
+    expect_file_error(path, "colour values (R, G, B)", "one grey level per voxel")
 
 
 # --- labels against an image ---------------------------------------------------------------------------

@@ -18,13 +18,24 @@ from kaf.checkpoints import (
     fingerprint_arrays,
     load_weights,
 )
-from kaf.devices import autocast, grad_scaler, is_out_of_memory, out_of_memory_error, resolve_device
+from kaf.devices import (
+    autocast,
+    check_memory,
+    grad_scaler,
+    is_out_of_memory,
+    out_of_memory_error,
+    resolve_device,
+)
 from kaf.errors import InputDataError
 from kaf.jobs.events import CancelToken, Job, StageClock
+from kaf.memory_estimate import training_step_bytes
 from kaf.models import KafUNet, ModelConfig, preset_config
 from kaf.preparation import PreparedVolume
 from kaf.slices import take_slices
 
+# Adam's update as one kernel: 5.7 ms instead of 26-30 ms per step for the interactive preset on the 2-core
+# CPU (3.5 % of a fine-tuning step), same arithmetic.
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
 # What KAF transfers from pretraining (METHODS.md A.5); a pretraining checkpoint names its own groups.
 PRETRAINED_GROUPS = ("encoder", "bottleneck")
 
@@ -144,13 +155,21 @@ def train_on_pool(
 ) -> Job[list[float]]:
     """Adam, Dice + CE, a cosine schedule per step, augmented crops of the pool's slices; returns the loss
     of each step. Stops at the step or time budget, whichever comes first."""
+    crop = tuple(min(settings.crop_size, side) for side in pool.images.shape[-2:])
+    check_memory(
+        device,
+        training_step_bytes(model.config, settings.batch_size, *crop),
+        f"fine-tuning on {settings.batch_size} crops of {crop[0]} x {crop[1]} per step",
+    )
     model.to(device).train()
     optimiser = torch.optim.Adam(
-        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+        model.parameters(),
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        fused=device.type in FUSED_ADAM_DEVICES,
     )
     scaler = grad_scaler(device)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
-    crop = tuple(min(settings.crop_size, side) for side in pool.images.shape[-2:])
     losses: list[float] = []
     clock.start_stage()
     started = time.perf_counter()

@@ -30,11 +30,19 @@ from kaf.checkpoints import (
     load_weights,
     save_checkpoint,
 )
-from kaf.devices import autocast, grad_scaler, is_out_of_memory, out_of_memory_error, resolve_device
+from kaf.devices import (
+    autocast,
+    check_memory,
+    grad_scaler,
+    is_out_of_memory,
+    out_of_memory_error,
+    resolve_device,
+)
 from kaf.errors import CheckpointError, InputDataError, JobCancelled
 from kaf.jobs.events import CancelToken, Job, StageClock
 from kaf.jobs.finetune import Initialisation, default_label_names, transfer_groups
 from kaf.keypoints import KeypointConfig
+from kaf.memory_estimate import training_step_bytes
 from kaf.models import KafUNet, ModelConfig, preset_config
 from kaf.ssl import make_method
 from kaf.ssl.base import Communicator, OptimiserSettings, PretrainMethod, item_generators, to_device
@@ -253,6 +261,13 @@ def pretrain(
     clock = StageClock()
     method = make_method(settings.method, **settings.method_overrides())
     config = model_config or settings.model_config()
+    batches = [settings.batch_size or method.batch_size(stage) for stage in method.stages]
+    for batch in batches:
+        if batch % comm.world_size:
+            raise InputDataError(
+                f"the batch size {batch} must be divisible by the {comm.world_size} processes"
+            )
+    check_step_memory(method, config, max(batches) // comm.world_size, device)
     torch.manual_seed(settings.seed)
     model = KafUNet(config)
     heads = method.build_heads(model)
@@ -269,12 +284,6 @@ def pretrain(
     terms: dict[str, float] = {}
     started = time.perf_counter()
     first_stage = resume.stage if resume else 0
-    batches = [settings.batch_size or method.batch_size(stage) for stage in method.stages]
-    for batch in batches:
-        if batch % comm.world_size:
-            raise InputDataError(
-                f"the batch size {batch} must be divisible by the {comm.world_size} processes"
-            )
     totals = [steps_per_stage(settings, data, method, batch) for batch in batches]
     for stage_index in range(first_stage, len(method.stages)):
         stage = method.stages[stage_index]
@@ -349,6 +358,19 @@ def pretrain(
                 )
     return PretrainResult(
         Path(out), list(method.stages), len(losses), losses, terms, time.perf_counter() - started, False
+    )
+
+
+def check_step_memory(method: PretrainMethod, config: ModelConfig, local_batch: int, device) -> None:
+    """Refuse a step too large for the device before building anything on it. The estimate covers the
+    backbone on every view of a step (the bulk of it); heads and losses are left to the out-of-memory
+    report of the step itself."""
+    views = local_batch * max(2, method.slices_per_item)
+    side = method.config.view_size
+    check_memory(
+        device,
+        training_step_bytes(config, views, side, side),
+        f"pretraining on {views} views of {side} x {side} per step",
     )
 
 
