@@ -86,6 +86,17 @@ class Volume:
 def read_volume(path: str | Path) -> Volume:
     """Read a NIfTI or NRRD file, or a folder holding one DICOM series."""
     path = Path(path)
+    try:
+        return _read_any(path)
+    except MemoryError as exc:
+        # Where the system does not say how much memory is free (Windows), the size check before loading
+        # cannot refuse a huge volume, so the allocation's own failure is reported instead.
+        raise InputFileError(
+            path, "is too large to load into this machine's memory; crop or downsample it first"
+        ) from exc
+
+
+def _read_any(path: Path) -> Volume:
     if not path.exists():
         raise InputFileError(path, "does not exist")
     if path.is_dir():

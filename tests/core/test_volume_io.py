@@ -462,3 +462,15 @@ def test_float_labels_with_whole_values_are_accepted(tmp_path: Path, image: Volu
     path = save_labels(tmp_path, labels.astype(np.float32))
 
     np.testing.assert_array_equal(read_labels(path, image), labels)
+
+
+def test_a_volume_that_fails_to_allocate_is_reported_as_too_large(tmp_path: Path, monkeypatch) -> None:
+    """Where free memory is unknown (Windows), a header's size cannot be checked before loading."""
+    path = save_nifti(tmp_path / "huge.nii.gz", random_image())
+    monkeypatch.setattr(volume_io, "available_ram_bytes", lambda: None)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(volume_io.np, "asanyarray", no_memory)
+    expect_file_error(path, "too large to load")
