@@ -165,7 +165,8 @@ QUICK = Budget(
     draws=2,
     test_patients={"acdc": 6, "hippocampus": 6},
     annotated=(1, 2, 4),
-    annotator_volumes=1,
+    # About 5.5 min per ACDC volume and 2 per hippocampus volume on 2 cores: three of each fit the hour.
+    annotator_volumes=3,
     pretrain_steps=50,
     pretrain_batch={"kaf": 8, "pgl": 8, "dense": 4},  # GCL: its own (one group of 48 slices; 10 local)
     # KAF's paper optimiser (SGD 0.002) barely moves the weights in a short run: 600 steps of batch 16 on

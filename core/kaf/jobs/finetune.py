@@ -33,9 +33,6 @@ from kaf.models import KafUNet, ModelConfig, preset_config
 from kaf.preparation import PreparedVolume
 from kaf.slices import take_slices
 
-# Adam's update as one kernel: 5.7 ms instead of 26-30 ms per step for the interactive preset on the 2-core
-# CPU (3.5 % of a fine-tuning step), same arithmetic.
-FUSED_ADAM_DEVICES = ("cpu", "cuda")
 # What KAF transfers from pretraining (METHODS.md A.5); a pretraining checkpoint names its own groups.
 PRETRAINED_GROUPS = ("encoder", "bottleneck")
 
@@ -166,7 +163,6 @@ def train_on_pool(
         model.parameters(),
         lr=settings.learning_rate,
         weight_decay=settings.weight_decay,
-        fused=device.type in FUSED_ADAM_DEVICES,
     )
     scaler = grad_scaler(device)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
