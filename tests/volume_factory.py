@@ -17,6 +17,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from kaf.sample_data import ring_and_disc
 
+AFFINE = np.diag([1.5, 1.5, 4.0, 1.0])  # voxel (x, y, z) -> mm: 1.5 mm in-plane, 4 mm slices
+
 
 def synthetic_volume(slices: int = 8, height: int = 48, width: int = 64, seed: int = 0):
     """(image, labels): a ring (label 1) around a disc (label 2) whose size changes along z, on noise."""
@@ -24,7 +26,7 @@ def synthetic_volume(slices: int = 8, height: int = 48, width: int = 64, seed: i
 
 
 def save_nifti(array_zyx: np.ndarray, path: Path, affine: np.ndarray | None = None) -> Path:
-    affine = np.diag([1.5, 1.5, 4.0, 1.0]) if affine is None else affine
+    affine = AFFINE if affine is None else affine
     nib.save(nib.Nifti1Image(array_zyx.transpose(2, 1, 0), affine), path)
     return path
 

@@ -29,14 +29,13 @@ import torch
 from pydicom.uid import generate_uid
 from safetensors import safe_open
 from safetensors.torch import save_file
-from volume_factory import write_dicom_slice
+from volume_factory import AFFINE, save_nifti, write_dicom_slice
 
 from kaf.cli import main
 from kaf.default_weights import shipped_checkpoint
 from kaf.sample_data import ring_and_disc
 
 SHAPE_ZYX = (6, 32, 32)
-AFFINE = np.diag([1.5, 1.5, 4.0, 1.0])  # voxel (x, y, z) -> mm
 ANNOTATED = (1, 4)  # the slices the valid sparse labels paint
 # Appended to every command: no progress bars, the CPU everywhere, and training as short as it gets (a
 # case that wrongly passes then costs a second, not a minute).
@@ -83,21 +82,17 @@ def sparse_labels() -> np.ndarray:
     return sparse
 
 
-def save_nifti(path: Path, array_zyx: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
-    return save_nifti_xyz(path, np.asarray(array_zyx).transpose(2, 1, 0), affine)
-
-
 def save_nifti_xyz(path: Path, array_xyz: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
     nib.save(nib.Nifti1Image(array_xyz, affine), path)
     return path
 
 
 def write_image(folder: Path, name: str = "image.nii.gz") -> Path:
-    return save_nifti(folder / name, tiny_volume()[0])
+    return save_nifti(tiny_volume()[0], folder / name)
 
 
 def write_labels(folder: Path, labels: np.ndarray | None = None, name: str = "labels.nii.gz") -> Path:
-    return save_nifti(folder / name, sparse_labels() if labels is None else labels)
+    return save_nifti(sparse_labels() if labels is None else labels, folder / name)
 
 
 def copy_finetuned(folders: Folders, name: str = "model.safetensors") -> Path:
@@ -218,7 +213,7 @@ def image_with(value: float) -> Callable[[Path], Path]:
     def write(folder: Path) -> Path:
         image = tiny_volume()[0]
         image[2, 10, 10:13] = value
-        return save_nifti(folder / "scan.nii.gz", image)
+        return save_nifti(image, folder / "scan.nii.gz")
 
     return write
 
@@ -240,7 +235,7 @@ def image_with_pixdim(spacing_xyz: tuple[float, float, float]) -> Callable[[Path
     """Voxel sizes given only by the header's pixdim field (a qform and no sform), written as stored."""
 
     def write(folder: Path) -> Path:
-        path = save_nifti(folder / "scan.nii", tiny_volume()[0])
+        path = save_nifti(tiny_volume()[0], folder / "scan.nii")
         header = nib.load(path).header.copy()
         header.set_sform(None, code=0)
         header["pixdim"][1:4] = spacing_xyz
@@ -267,7 +262,7 @@ def rgb_image(folder: Path) -> Path:
 
 
 def constant_image(folder: Path) -> Path:
-    return save_nifti(folder / "blank.nii.gz", np.zeros(SHAPE_ZYX, dtype=np.float32))
+    return save_nifti(np.zeros(SHAPE_ZYX, dtype=np.float32), folder / "blank.nii.gz")
 
 
 # --- bad labels ------------------------------------------------------------------------------------------
@@ -312,7 +307,7 @@ def labels_of_other_shape(folder: Path) -> Path:
 def labels_of_other_affine(folder: Path) -> Path:
     moved = AFFINE.copy()
     moved[:3, 3] = [12.0, 0.0, 0.0]
-    return save_nifti(folder / "labels.nii.gz", sparse_labels(), moved)
+    return save_nifti(sparse_labels(), folder / "labels.nii.gz", moved)
 
 
 def truncated_labels(folder: Path) -> Path:

@@ -361,7 +361,9 @@ def pretrain(
     )
 
 
-def check_step_memory(method: PretrainMethod, config: ModelConfig, local_batch: int, device) -> None:
+def check_step_memory(
+    method: PretrainMethod, config: ModelConfig, local_batch: int, device: torch.device
+) -> None:
     """Refuse a step too large for the device before building anything on it. The estimate covers the
     backbone on every view of a step (the bulk of it); heads and losses are left to the out-of-memory
     report of the step itself."""
