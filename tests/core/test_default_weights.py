@@ -21,6 +21,7 @@ from kaf.volume_io import Volume
 from kaf.workflow import load_initialisation, prepare_for_training
 
 MAX_BYTES = 10 * 2**20
+SHIPPED = ("encoder.", "bottleneck.")
 
 
 def test_shipped_weights_are_small_and_match_their_metadata():
@@ -29,25 +30,28 @@ def test_shipped_weights_are_small_and_match_their_metadata():
     state, metadata = load_checkpoint(path)
     assert metadata.preset == "interactive" and metadata.method == "kaf"
     assert metadata.model_config() == preset_config("interactive")
-    assert metadata.extra["transfer"] == ["encoder"] and metadata.extra["licence"] == "CC BY-SA 4.0"
-    encoder = {
+    assert metadata.extra["transfer"] == ["encoder", "bottleneck"]
+    assert metadata.extra["licence"] == "CC BY-SA 4.0"
+    expected = {
         name: t
         for name, t in KafUNet(preset_config("interactive")).state_dict().items()
-        if name.startswith("encoder.")
+        if name.startswith(SHIPPED)
     }
-    assert set(state) == set(encoder)
+    assert set(state) == set(expected)
     for name, tensor in state.items():
-        assert tensor.shape == encoder[name].shape, name
-        assert tensor.dtype == (torch.float16 if encoder[name].is_floating_point() else encoder[name].dtype)
+        assert tensor.shape == expected[name].shape, name
+        assert tensor.dtype == (torch.float16 if expected[name].is_floating_point() else expected[name].dtype)
         assert torch.isfinite(tensor.float()).all(), name
 
 
-def test_fine_tuning_starts_from_the_shipped_encoder():
+def test_fine_tuning_starts_from_the_shipped_encoder_and_bottleneck():
     init = load_initialisation("default", "interactive")
     state, _ = load_checkpoint(shipped_checkpoint())
     config = preset_config("interactive", classes=3)
     model, report = build_model(config, init)
-    assert "loaded" in report.summary() and all(name.startswith("encoder.") for name in report.loaded)
+    assert "loaded" in report.summary() and {name.split(".")[0] + "." for name in report.loaded} == set(
+        SHIPPED
+    )
     for name, tensor in model.state_dict().items():
         if name in state:
             torch.testing.assert_close(tensor, state[name].to(tensor.dtype), rtol=0, atol=0)

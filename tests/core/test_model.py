@@ -34,7 +34,7 @@ def test_paper_presets_reproduce_published_parameter_counts(preset, clean, encod
 
 
 def test_interactive_preset_and_baseline_unets_have_the_specified_sizes():
-    assert count_parameters(KafUNet(preset_config("interactive", classes=3))) == 9_077_792
+    assert count_parameters(KafUNet(preset_config("interactive", classes=3))) == 7_860_256
     chd = preset_config("paper-chd")
     assert count_parameters(KafUNet(chd.plain_unet())) == 7_763_584  # UNet(c1)
     assert count_parameters(KafUNet(chd.without_kaf())) == 27_911_328  # UNet(c2)

@@ -11,8 +11,12 @@ from kaf.errors import KafError
 class ModelConfig:
     """Everything needed to rebuild a KAF UNet; stored verbatim in every checkpoint."""
 
+    # The defaults are the `interactive` preset, chosen by measurement (BENCHMARKS.md, "Choosing the
+    # interactive preset"): d = 64 and 128 keypoints bring the KAF/UNet(c2) step-time ratio from 1.8 to
+    # about 1.45 with Dice within the seed-to-seed spread; 128 keypoints on a 128^2 slice are still twice
+    # the paper's density (512 on 352^2).
     base_width: int = 16  # f: level l has f * 2**(l-1) CNN channels
-    token_dim: int = 128  # d: width of the keypoint tokens and attention
+    token_dim: int = 64  # d: width of the keypoint tokens and attention
     attention_heads: int = 4
     attention_blocks: int = 2  # self-attention blocks per KAF layer ("#T" in the paper counts pairs)
     kaf_levels: tuple[int, ...] = (1, 2, 3, 4)  # encoder levels that carry a KAF layer
@@ -22,7 +26,7 @@ class ModelConfig:
     layout: str = "kaf"
     in_channels: int = 1
     classes: int = 2
-    max_keypoints: int = 256
+    max_keypoints: int = 128
     input_size: int = 128  # slices are downscaled so their longer side is at most this (0 = never)
 
     def __post_init__(self) -> None:
@@ -81,7 +85,7 @@ PRESETS: dict[str, Preset] = {
         Preset(
             "interactive",
             ModelConfig(),
-            "Small and fast, for napari and Slicer: f=16, d=128, 2 attention blocks, 256 keypoints.",
+            "Small and fast, for napari and Slicer: f=16, d=64, 2 attention blocks, 128 keypoints.",
         ),
         Preset(
             "paper-acdc",
