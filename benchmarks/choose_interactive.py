@@ -14,22 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import torch
+from annotator import annotator_run  # benchmarks/ is on the path when this file runs
+from speed import train_step_seconds
 
-from kaf.annotation import sparse_annotation
-from kaf.jobs.events import drive
-from kaf.jobs.finetune import FinetuneSettings, finetune
-from kaf.jobs.predict import predict
-from kaf.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
+from kaf.jobs.finetune import FinetuneSettings
 from kaf.models import PRESETS, KafUNet, ModelConfig
-from kaf.volume_io import read_labels, read_volume
-from kaf.workflow import prepare_for_training
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # The preset before this study (d = 128, 256 keypoints), spelled out so that it stays comparable.
@@ -48,28 +42,9 @@ HIPPOCAMPUS = ["hippocampus_374", "hippocampus_380", "hippocampus_383", "hippoca
 HIPPOCAMPUS_ONE_SEED = ["hippocampus_375", "hippocampus_381"]
 
 
-def step_seconds(config: ModelConfig, repeats: int = 4) -> float:
+def step_seconds(config: ModelConfig) -> float:
     torch.manual_seed(0)
-    model = KafUNet(config)
-    optimiser = torch.optim.Adam(model.parameters(), 1e-4)
-    generator = torch.Generator().manual_seed(1)
-    count = config.max_keypoints
-    image = torch.randn(8, 1, 128, 128, generator=generator)
-    keypoints = torch.randint(0, 128, (8, count, 2), generator=generator)
-    mask = torch.ones(8, count, dtype=torch.bool)
-    target = torch.randint(0, config.classes, (8, 128, 128))
-
-    def step() -> None:
-        loss = torch.nn.functional.cross_entropy(model(image, keypoints, mask).logits, target)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-
-    step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    return (time.perf_counter() - start) / repeats
+    return train_step_seconds(KafUNet(config), batch=8, side=128, repeats=4)
 
 
 def speed() -> None:
@@ -84,21 +59,11 @@ def speed() -> None:
 
 
 def annotator_case(dataset: str, case: str, classes: int, seed: int) -> dict:
-    image = read_volume(DATA / dataset / "images" / f"{case}.nii.gz")
-    reference = read_labels(DATA / dataset / "labels" / f"{case}.nii.gz", image)
-    annotated = spread_slices(reference, 2)
-    sparse = np.zeros_like(reference)
-    sparse[annotated] = reference[annotated]
-    start = time.perf_counter()
-    prepared = prepare_for_training(image, "interactive")
-    annotation = sparse_annotation(sparse, 0, annotated, classes)
-    result = drive(finetune(prepared, annotation, FinetuneSettings(device="cpu", seed=seed)))
-    prediction = drive(predict(result.model, prepared, "cpu"))
-    seconds = time.perf_counter() - start
-    dice, _ = dice_on_unannotated(prediction.labels, reference, annotated, classes)
-    copy = copy_nearest_annotated(reference, annotated)
-    copied, _ = dice_on_unannotated(copy, reference, annotated, classes)
-    return {"dataset": dataset, "case": case, "seed": seed, "dice": dice, "copy": copied, "seconds": seconds}
+    images, labels = DATA / dataset / "images", DATA / dataset / "labels"
+    settings = FinetuneSettings(device="cpu", seed=seed)
+    run = annotator_run(images / f"{case}.nii.gz", labels / f"{case}.nii.gz", 2, classes, settings)
+    scores = {"dice": run.dice, "copy": run.copy, "seconds": run.seconds}
+    return {"dataset": dataset, "case": case, "seed": seed, **scores}
 
 
 def dice(candidate: str) -> None:

@@ -19,18 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from annotator import annotator_run  # benchmarks/ is on the path when this file runs
 from speed import machine  # benchmarks/ is on the path when this file runs
 
-from kaf.annotation import sparse_annotation
 from kaf.checkpoints import load_checkpoint
 from kaf.default_weights import WEIGHTS_FILE, export_for_transfer
-from kaf.jobs.events import drive
-from kaf.jobs.finetune import FinetuneSettings, finetune
-from kaf.jobs.predict import predict
-from kaf.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
+from kaf.jobs.finetune import FinetuneSettings
 from kaf.models import ModelConfig, preset_config
-from kaf.volume_io import read_labels, read_volume
-from kaf.workflow import load_initialisation, prepare_for_training
+from kaf.workflow import load_initialisation
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hippocampus"
 WEIGHTS = Path(__file__).resolve().parents[1] / "core" / "kaf" / "weights"
@@ -44,22 +40,11 @@ def held_out_cases() -> list[str]:
 
 def score(case: str, slices: int, checkpoint: Path | None, seed: int) -> tuple[float, float, float]:
     """(Dice of the fine-tuned model, Dice of copying, training seconds) on one held-out case."""
-    image = read_volume(HIPPOCAMPUS / "images" / case)
-    reference = read_labels(HIPPOCAMPUS / "labels" / case, image)
-    classes = int(reference.max()) + 1
-    annotated = spread_slices(reference, slices)
-    sparse = np.zeros_like(reference)
-    sparse[annotated] = reference[annotated]
-    annotation = sparse_annotation(sparse, 0, annotated, classes)
-    prepared = prepare_for_training(image, "interactive")
     init = load_initialisation(checkpoint, "interactive") if checkpoint else None
-    result = drive(finetune(prepared, annotation, FinetuneSettings(seed=seed, device="cpu"), init))
-    prediction = drive(predict(result.model, prepared, "cpu", 8))
-    dice, _ = dice_on_unannotated(prediction.labels, reference, annotated, classes)
-    copied, _ = dice_on_unannotated(
-        copy_nearest_annotated(reference, annotated), reference, annotated, classes
-    )
-    return dice, copied, result.seconds
+    settings = FinetuneSettings(seed=seed, device="cpu")
+    image, labels = HIPPOCAMPUS / "images" / case, HIPPOCAMPUS / "labels" / case
+    run = annotator_run(image, labels, slices, None, settings, init, inference_batch=8)
+    return run.dice, run.copy, run.training_seconds
 
 
 def optimiser_description(pretrained: Path) -> str:

@@ -22,7 +22,7 @@ import torch
 
 from kaf.host_memory import peak_resident_bytes
 from kaf.jobs.predict import default_inference_batch
-from kaf.models import KafUNet, preset_config
+from kaf.models import KafUNet, ModelConfig, preset_config
 
 VARIANTS = {"KAF": lambda c: c, "UNet(c2)": lambda c: c.without_kaf(), "UNet(c1)": lambda c: c.plain_unet()}
 SETTINGS = {  # (train batch, train side, inference side): the sizes each preset is used at
@@ -31,25 +31,21 @@ SETTINGS = {  # (train batch, train side, inference side): the sizes each preset
 }
 
 
-def measure(preset: str, variant: str, threads: int, repeats: int) -> dict:
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    batch, train_side, infer_side = SETTINGS[preset]
-    config = VARIANTS[variant](preset_config(preset, classes=4))
-    model = KafUNet(config)
+def synthetic_inputs(config: ModelConfig, size: int, side: int):
+    """Random slices with every keypoint slot valid: (image, keypoints, mask), the same on every call."""
+    generator = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(size, 1, side, side, generator=generator),
+        torch.randint(0, side, (size, config.max_keypoints, 2), generator=generator),
+        torch.ones(size, config.max_keypoints, dtype=torch.bool),
+    )
+
+
+def train_step_seconds(model: KafUNet, batch: int, side: int, repeats: int) -> float:
+    """Mean time of an Adam step with cross-entropy on synthetic slices, after one warm-up step."""
     optimiser = torch.optim.Adam(model.parameters(), 1e-4)
-    count = config.max_keypoints
-
-    def inputs(size: int, side: int):
-        generator = torch.Generator().manual_seed(1)
-        return (
-            torch.randn(size, 1, side, side, generator=generator),
-            torch.randint(0, side, (size, count, 2), generator=generator),
-            torch.ones(size, count, dtype=torch.bool),
-        )
-
-    image, keypoints, mask = inputs(batch, train_side)
-    target = torch.randint(0, 4, (batch, train_side, train_side))
+    image, keypoints, mask = synthetic_inputs(model.config, batch, side)
+    target = torch.randint(0, model.config.classes, (batch, side, side))
 
     def train_step() -> None:
         loss = torch.nn.functional.cross_entropy(model(image, keypoints, mask).logits, target)
@@ -61,11 +57,20 @@ def measure(preset: str, variant: str, threads: int, repeats: int) -> dict:
     start = time.perf_counter()
     for _ in range(repeats):
         train_step()
-    step_seconds = (time.perf_counter() - start) / repeats
+    return (time.perf_counter() - start) / repeats
+
+
+def measure(preset: str, variant: str, threads: int, repeats: int) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    batch, train_side, infer_side = SETTINGS[preset]
+    config = VARIANTS[variant](preset_config(preset, classes=4))
+    model = KafUNet(config)
+    step_seconds = train_step_seconds(model, batch, train_side, repeats)
 
     model.eval()
     infer_batch = default_inference_batch(torch.device("cpu"))  # what `kaf predict` uses here
-    image, keypoints, mask = inputs(infer_batch, infer_side)
+    image, keypoints, mask = synthetic_inputs(config, infer_batch, infer_side)
     with torch.no_grad():
         model(image, keypoints, mask)
         start = time.perf_counter()
@@ -89,42 +94,21 @@ def measure(preset: str, variant: str, threads: int, repeats: int) -> dict:
 def interactive_loop(threads: int) -> str:
     """The annotator's loop with the default settings: fine-tune on 2 annotated slices of a real ACDC
     volume from random init, then predict the whole volume; wall-clock time and Dice beside copying."""
-    import numpy as np
-
-    from kaf.annotation import sparse_annotation
-    from kaf.jobs.events import drive
-    from kaf.jobs.finetune import FinetuneSettings, finetune
-    from kaf.jobs.predict import predict
-    from kaf.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
-    from kaf.volume_io import read_labels, read_volume
-    from kaf.workflow import prepare_for_training
+    from annotator import annotator_run  # imported here: the per-model subprocesses do not need it
 
     data = Path(__file__).resolve().parents[2] / "shared" / "data" / "acdc"
     if not data.is_dir():
         return f"Interactive loop: skipped, {data} is absent."
     torch.set_num_threads(threads)
     name = "patient001_frame01"
-    image = read_volume(data / "images" / f"{name}.nii.gz")
-    reference = read_labels(data / "labels" / f"{name}.nii.gz", image)
-    annotated = spread_slices(reference, 2)
-    sparse = np.zeros_like(reference)
-    sparse[annotated] = reference[annotated]
-    start = time.perf_counter()
-    prepared = prepare_for_training(image, "interactive")
-    result = drive(
-        finetune(prepared, sparse_annotation(sparse, 0, annotated, 4), FinetuneSettings(device="cpu"))
-    )
-    prediction = drive(predict(result.model, prepared, "cpu"))
-    seconds = time.perf_counter() - start
-    dice, _ = dice_on_unannotated(prediction.labels, reference, annotated, 4)
-    copy, _ = dice_on_unannotated(copy_nearest_annotated(reference, annotated), reference, annotated, 4)
+    run = annotator_run(data / "images" / f"{name}.nii.gz", data / "labels" / f"{name}.nii.gz", 2, classes=4)
     peak_mb = peak_resident_bytes() / 2**20
     return (
-        f"Interactive loop ({name}, slices {annotated} annotated, {len(result.losses)} steps, "
+        f"Interactive loop ({name}, slices {run.annotated} annotated, {run.steps} steps, "
         f"{threads} threads): "
-        f"{seconds:.0f} s for fine-tune + predict, peak memory {peak_mb:.0f} MB; "
-        f"mean foreground Dice on the other slices {dice:.3f} "
-        f"(copying the nearest annotated slice: {copy:.3f})."
+        f"{run.seconds:.0f} s for fine-tune + predict, peak memory {peak_mb:.0f} MB; "
+        f"mean foreground Dice on the other slices {run.dice:.3f} "
+        f"(copying the nearest annotated slice: {run.copy:.3f})."
     )
 
 
