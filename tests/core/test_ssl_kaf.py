@@ -136,6 +136,19 @@ def test_ground_truth_matches_are_mutual_nearest_descriptors_within_the_gate():
     assert len(set(far[far >= 0])) == (far >= 0).sum()  # one-to-one
 
 
+def test_a_view_that_lost_every_keypoint_has_no_ground_truth_matches():
+    """Either view may lose all its keypoints to the warp (it then carries the fallback lattice); the
+    other view's keypoints all go unmatched, in either order. (A 1000-step hippocampus run once hit the
+    first view empty.)"""
+    blobs = gaussian_filter(np.random.default_rng(0).normal(size=(64, 64)), 2.0).astype(np.float32)
+    volume = UnlabeledVolume("noise", np.stack([blobs, np.roll(blobs, 2, axis=1)]), max_keypoints=64)
+    alive = [np.ones(len(volume.keypoints(k)), bool) for k in range(2)]
+    lost = [np.zeros_like(a) for a in alive]
+    assert ground_truth_matches(volume, 0, 1, lost[0], alive[1], gate=20).shape == (0,)
+    none_found = ground_truth_matches(volume, 0, 1, alive[0], lost[1], gate=20)
+    assert none_found.shape == (len(alive[0]),) and (none_found == -1).all()
+
+
 def test_neighbour_slices_are_near_distinct_and_inside_the_volume():
     generator = torch.Generator().manual_seed(0)
     for count in (3, 10):
