@@ -344,11 +344,10 @@ def pretrain_checkpoint(
 
 def finetuned_model(
     cases: Cases,
-    row: Row,
     volumes: list[LabelledVolume],
     settings: FinetuneSettings,
     init: Initialisation | None,
-    budget: Budget,
+    config: ModelConfig,
 ) -> KafUNet:
     result = drive(
         multi_finetune(
@@ -356,7 +355,7 @@ def finetuned_model(
             cases.dataset.classes,
             settings,
             init,
-            model_config=backbone_config(budget, row.backbone),
+            model_config=config,
             label_names=["background", *cases.dataset.foreground],
         )
     )
@@ -440,7 +439,7 @@ def few_label_scores(
             volumes = [cases.volume(name) for name in names]
             steps = budget.finetune_steps(sum(v.prepared.slice_count for v in volumes))
             settings = replace(budget.finetune, steps=steps, seed=d, device=device)
-            model = finetuned_model(cases, row, volumes, settings, init, budget)
+            model = finetuned_model(cases, volumes, settings, init, backbone_config(budget, row.backbone))
             scores[M].append(score_test_set(model, cases, device))
             print(
                 f"  {cases.dataset.key} {row.key} M={M} draw {d}: {np.nanmean(scores[M][-1]):.3f}", flush=True
@@ -463,7 +462,7 @@ def annotator_protocol(
         scores[k] = []
         for case in annotated_cases:
             sparse = annotated_slices(cases.volume(case), k)
-            model = finetuned_model(cases, row, [sparse], settings, init, budget)
+            model = finetuned_model(cases, [sparse], settings, init, backbone_config(budget, row.backbone))
             prediction = drive(predict(model, sparse.prepared, device)).labels
             scores[k].append(dice_elsewhere(prediction, sparse, cases.dataset.classes))
             print(f"  {cases.dataset.key} {row.key} k={k} {case} {list(sparse.slices)}: {scores[k][-1]:.3f}")

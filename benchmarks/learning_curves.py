@@ -22,11 +22,19 @@ from dataclasses import replace
 import numpy as np
 import torch
 from choose_interactive import FORMER  # benchmarks/ is on the path when this file runs
-from few_label import DATA, DATASETS, QUICK, Cases, cell, score_test_set, split_cases
+from few_label import (
+    DATA,
+    DATASETS,
+    QUICK,
+    Cases,
+    cell,
+    draw_means,
+    finetuned_model,
+    score_test_set,
+    split_cases,
+)
 from speed import machine
 
-from kaf.jobs.events import drive
-from kaf.jobs.multi_finetune import multi_finetune
 from kaf.models import ModelConfig, preset_config
 
 MODELS = {
@@ -38,25 +46,14 @@ MODELS = {
 
 def run_curve(cases: Cases, config: ModelConfig, labelled: int, draws: int, steps: list[int]) -> dict:
     """N -> per draw mean foreground Dice on the test set."""
-    dataset = cases.dataset
     scores: dict[int, list[float]] = {n: [] for n in steps}
     for draw in range(draws):
         volumes = [cases.volume(name) for name in cases.draw(labelled, draw)]
         for n in steps:
             settings = replace(QUICK.finetune, steps=n, seed=draw, device="cpu")
             started = time.perf_counter()
-            result = drive(
-                multi_finetune(
-                    volumes,
-                    dataset.classes,
-                    settings,
-                    None,
-                    model_config=config,
-                    label_names=["background", *dataset.foreground],
-                )
-            )
-            per_class = score_test_set(result.model, cases, "cpu")
-            scores[n].append(float(np.nanmean(np.nanmean(per_class, axis=1))))
+            per_class = score_test_set(finetuned_model(cases, volumes, settings, None, config), cases, "cpu")
+            scores[n].append(float(draw_means([per_class])[0]))
             line = {"draw": draw, "steps": n, "dice": round(scores[n][-1], 4)}
             line |= {"per_class": [round(float(x), 3) for x in np.nanmean(per_class, axis=0)]}
             print(json.dumps(line | {"seconds": round(time.perf_counter() - started)}), flush=True)

@@ -13,9 +13,9 @@ class ModelConfig:
 
     # The defaults are the `interactive` preset, chosen by measurement (BENCHMARKS.md, "Choosing the
     # interactive preset"): d = 64 and 128 keypoints bring the KAF/UNet(c2) step-time ratio from 1.8 to
-    # about 1.45, with Dice within the seed-to-seed spread at 150 fine-tuning steps (an 80-step quick
-    # run scored lower on hippocampus); 128 keypoints on a 128^2 slice are still twice the paper's
-    # density (512 on 352^2).
+    # about 1.45, with Dice within the seed-to-seed spread at 150 fine-tuning steps (on hippocampus it
+    # starts more slowly and ends equal by 320 steps: benchmarks/learning_curves.py); 128 keypoints on
+    # a 128^2 slice are still twice the paper's density (512 on 352^2).
     base_width: int = 16  # f: level l has f * 2**(l-1) CNN channels
     token_dim: int = 64  # d: width of the keypoint tokens and attention
     attention_heads: int = 4

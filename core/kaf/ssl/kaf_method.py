@@ -348,9 +348,9 @@ def ground_truth_matches(
     kp_first, kp_second = volume.keypoints(first), volume.keypoints(second)
     count_first = int(alive_first.sum())
     matches = np.full(count_first, -1, dtype=np.int64)
-    # A view that lost every keypoint to its warp carries the fallback lattice: nothing to match.
     if kp_first.descriptors is None or kp_second.descriptors is None:
         return matches
+    # A view that lost every keypoint to its warp carries the fallback lattice: nothing to match.
     if not alive_first.any() or not alive_second.any():
         return matches
     coords_a, coords_b = kp_first.coords[alive_first], kp_second.coords[alive_second]
