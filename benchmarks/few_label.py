@@ -20,18 +20,24 @@ its numbers mean nothing).
 
     python benchmarks/few_label.py [--quick | --long | --full] [--smoke] [--device auto] [--threads 2]
                                    [--datasets acdc hippocampus] [--rows unet kaf kaf+kaf ...] [--draws N]
-                                   [--write BENCHMARKS.md] [--plots DIR] [--work DIR]
+                                   [--write BENCHMARKS.md] [--plots DIR] [--work DIR] [--fresh]
 
-Results go to WORK/BENCHMARKS.md always, and into the --write file (between the markers of the mode's
-section, keeping the rest of the file) only when asked; plots (Dice against M and against k) beside it.
+Each row's results are saved in WORK as it finishes, and a later run of the same protocol (budget, dataset
+and seed) reuses them: a run too long for one sitting resumes row by row (`--fresh` runs every row again).
+Results go to WORK/BENCHMARKS.md always, and into the --write file only when asked (between the markers
+of the section of this mode and these datasets, keeping the rest of the file); plots (Dice against M and
+against k) beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -154,15 +160,23 @@ class Budget:
 
     @property
     def section(self) -> str:
-        """The name of this mode's BENCHMARKS.md section and plots; the quick mode keeps the plain one."""
+        """The name of this mode's plots and work folder; the quick mode keeps the plain one."""
         return "few-label" if self.mode == "quick" else "few-label-" + self.mode.replace(" --", "-")
 
     @property
     def file_stem(self) -> str:
         return self.section.replace("-", "_")
 
-    def markers(self) -> tuple[str, str]:
-        return f"<!-- {self.section}:start -->", f"<!-- {self.section}:end -->"
+    def markers(self, datasets: list[str]) -> tuple[str, str]:
+        """BENCHMARKS.md markers: one section per mode and set of datasets, so that a mode run on one
+        dataset does not replace the section of another."""
+        name = self.section if sorted(datasets) == sorted(DATASETS) else "-".join([self.section, *datasets])
+        return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+    def fingerprint(self, dataset: str, seed: int) -> str:
+        """What a row's cached results depend on: the budget (its rows and note aside), dataset and seed."""
+        protocol = replace(self, rows=(), note="")
+        return hashlib.sha256(repr((protocol, dataset, seed)).encode()).hexdigest()[:16]
 
     def finetune_steps(self, slices: int) -> int:
         if self.finetune_epochs is None:
@@ -383,43 +397,103 @@ def dice_elsewhere(prediction: np.ndarray, sparse: LabelledVolume, classes: int)
 
 
 @dataclass
+class RowResults:
+    few_label: dict[int, list[np.ndarray]]  # M -> per draw [test volumes, foreground classes]
+    annotator: dict[int, list[float]]  # k -> per annotated volume
+    seconds: dict[str, float]  # stage -> seconds
+    ran: str  # when, where and at which commit
+
+
+@dataclass
 class DatasetResults:
     cases: Cases
-    few_label: dict[str, dict[int, list[np.ndarray]]]  # row -> M -> per draw [volumes, classes]
-    annotator: dict[str, dict[int, list[float]]]  # row (and COPY) -> k -> per volume
+    rows: dict[str, RowResults]
+    copy_baseline: dict[int, list[float]]  # k -> per annotated volume
     draws: dict[int, list[list[str]]]  # M -> labelled volumes of each draw
-    seconds: dict[str, float]
+
+
+def commit() -> str:
+    described = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent, capture_output=True, text=True
+    )
+    return described.stdout.strip() or "unknown commit"
+
+
+def save_row(path: Path, fingerprint: str, row: RowResults) -> None:
+    record = {
+        "fingerprint": fingerprint,
+        "few_label": {str(M): [a.tolist() for a in draws] for M, draws in row.few_label.items()},
+        "annotator": {str(k): values for k, values in row.annotator.items()},
+        "seconds": row.seconds,
+        "ran": row.ran,
+    }
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(record, indent=1))
+    partial.replace(path)  # a run killed mid-write leaves the previous file whole
+
+
+def load_row(path: Path, fingerprint: str) -> RowResults | None:
+    """A row's results from an earlier run of the same protocol; None where there are none."""
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record["fingerprint"] != fingerprint:
+        print(f"  {path}: from another budget or seed, run again", flush=True)
+        return None
+    return RowResults(
+        {int(M): [np.array(a, dtype=float) for a in draws] for M, draws in record["few_label"].items()},
+        {int(k): values for k, values in record["annotator"].items()},
+        record["seconds"],
+        record["ran"],
+    )
+
+
+def run_row(
+    cases: Cases, row: Row, budget: Budget, draws, annotator_cases, args, work: Path, data_cache: dict
+) -> RowResults:
+    seconds = {}
+    started = time.perf_counter()
+    init = None
+    if row.method is not None:
+        init = pretrain_checkpoint(cases, row, budget, args.device, work, data_cache)
+        seconds["pretrain"] = time.perf_counter() - started
+    started = time.perf_counter()
+    few_label = few_label_scores(cases, row, draws, init, budget, args.device)
+    seconds["few-label"] = time.perf_counter() - started
+    started = time.perf_counter()
+    annotator = annotator_protocol(cases, row, annotator_cases, init, budget, args.device)
+    seconds["annotator"] = time.perf_counter() - started
+    ran = f"{time.strftime('%Y-%m-%d %H:%M')}, {device_description(args.device)}, {commit()}"
+    return RowResults(few_label, annotator, seconds, ran)
 
 
 def run_dataset(dataset: Dataset, budget: Budget, rows: list[Row], args, work: Path) -> DatasetResults:
+    """Every row's results: from WORK where an earlier run of the same protocol left them (so a run too
+    long for one sitting resumes row by row), else run and saved there."""
     config = preset_config(budget.preset)
     cases = split_cases(dataset, budget.test_patients[dataset.key], max(budget.labelled), args.seed, config)
     print(f"{dataset.key}: test patients {cases.test}; pool of {len(cases.pool)} patients", flush=True)
-    results = DatasetResults(cases, {}, {}, {}, {})
-    data_cache: dict = {}
+    draws = {M: [cases.draw(M, d) for d in range(budget.draws)] for M in budget.labelled}
     annotator_cases = cases.test_cases()[: budget.annotator_volumes]
-    for M in budget.labelled:
-        results.draws[M] = [cases.draw(M, d) for d in range(budget.draws)]
+    copy_baseline = {}
     for k in budget.annotated:
         sparse = [annotated_slices(cases.volume(case), k) for case in annotator_cases]
         copies = [copy_nearest_annotated(s.labels, s.slices) for s in sparse]
-        results.annotator.setdefault(COPY, {})[k] = [
-            dice_elsewhere(c, s, dataset.classes) for c, s in zip(copies, sparse, strict=True)
+        copy_baseline[k] = [
+            dice_elsewhere(copy, s, dataset.classes) for copy, s in zip(copies, sparse, strict=True)
         ]
+    results = DatasetResults(cases, {}, copy_baseline, draws)
+    fingerprint = budget.fingerprint(dataset.key, args.seed)
+    data_cache: dict = {}
     for row in rows:
-        started = time.perf_counter()
-        init = None
-        if row.method is not None:
-            init = pretrain_checkpoint(cases, row, budget, args.device, work, data_cache)
-            results.seconds[f"pretrain {row.key}"] = time.perf_counter() - started
-        started = time.perf_counter()
-        results.few_label[row.key] = few_label_scores(cases, row, results.draws, init, budget, args.device)
-        results.seconds[f"few-label {row.key}"] = time.perf_counter() - started
-        started = time.perf_counter()
-        results.annotator[row.key] = annotator_protocol(
-            cases, row, annotator_cases, init, budget, args.device
-        )
-        results.seconds[f"annotator {row.key}"] = time.perf_counter() - started
+        path = work / f"{dataset.key}_{row.key}.json"
+        cached = None if args.fresh else load_row(path, fingerprint)
+        if cached is None:
+            cached = run_row(cases, row, budget, draws, annotator_cases, args, work, data_cache)
+            save_row(path, fingerprint, cached)
+        else:
+            print(f"  {dataset.key} {row.key}: an earlier run's results ({cached.ran}), {path}", flush=True)
+        results.rows[row.key] = cached
     return results
 
 
@@ -505,14 +579,14 @@ def dataset_section(
         "|---|" + "---|" * len(budget.labelled),
     ]
     for row in rows:
-        cells = [cell(draw_means(results.few_label[row.key][M])) for M in budget.labelled]
+        cells = [cell(draw_means(results.rows[row.key].few_label[M])) for M in budget.labelled]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     lines += ["", "Per class (mean (std) over draws):", ""]
     lines += ["| method | M | " + " | ".join(dataset.foreground) + " |"]
     lines += ["|---|---|" + "---|" * len(dataset.foreground)]
     for row in rows:
         for M in budget.labelled:
-            per_draw = np.array([np.nanmean(s, axis=0) for s in results.few_label[row.key][M]])
+            per_draw = np.array([np.nanmean(s, axis=0) for s in results.rows[row.key].few_label[M]])
             lines.append(
                 f"| {row.label} | {M} | "
                 + " | ".join(cell(per_draw[:, c]) for c in range(per_draw.shape[1]))
@@ -527,10 +601,9 @@ def dataset_section(
         "| method | " + " | ".join(f"k = {k}" for k in budget.annotated) + " |",
         "|---|" + "---|" * len(budget.annotated),
     ]
-    for key, label in [(row.key, row.label) for row in rows] + [(COPY, f"*{COPY}*")]:
-        lines.append(
-            f"| {label} | " + " | ".join(cell(results.annotator[key][k]) for k in budget.annotated) + " |"
-        )
+    annotator = [(row.label, results.rows[row.key].annotator) for row in rows]
+    for label, scores in [*annotator, (f"*{COPY}*", results.copy_baseline)]:
+        lines.append(f"| {label} | " + " | ".join(cell(scores[k]) for k in budget.annotated) + " |")
     if dataset.key == "acdc":
         lines += ["", *paper_table(results, budget)]
     else:
@@ -554,11 +627,11 @@ def paper_table(results: DatasetResults, budget: Budget) -> list[str]:
         "|---|" + "---|" * len(budget.labelled),
     ]
     for key, source, values in PAPER:
-        if key not in results.few_label:
+        if key not in results.rows:
             continue
         cells = []
         for M in budget.labelled:
-            ours = draw_means(results.few_label[key][M])
+            ours = draw_means(results.rows[key].few_label[M])
             cells.append(f"{values[M]:.3f} ({np.nanmean(ours):.3f})" if M in values else "–")
         lines.append(f"| {source} | " + " | ".join(cells) + " |")
     return lines
@@ -568,7 +641,7 @@ def plot_dataset(results: DatasetResults, budget: Budget, rows: list[Row], path:
     figure = Figure(figsize=(10, 4), layout="constrained")
     left, right = figure.subplots(1, 2)
     for row in rows:
-        means = [draw_means(results.few_label[row.key][M]) for M in budget.labelled]
+        means = [draw_means(results.rows[row.key].few_label[M]) for M in budget.labelled]
         spread = [np.nanstd(m, ddof=1) if len(m) > 1 else 0.0 for m in means]
         left.errorbar(
             budget.labelled,
@@ -579,11 +652,13 @@ def plot_dataset(results: DatasetResults, budget: Budget, rows: list[Row], path:
             label=row.label,
         )
         right.plot(
-            budget.annotated, [np.mean(results.annotator[row.key][k]) for k in budget.annotated], marker="o"
+            budget.annotated,
+            [np.mean(results.rows[row.key].annotator[k]) for k in budget.annotated],
+            marker="o",
         )
     right.plot(
         budget.annotated,
-        [np.mean(results.annotator[COPY][k]) for k in budget.annotated],
+        [np.mean(results.copy_baseline[k]) for k in budget.annotated],
         "k--",
         marker="x",
         label=COPY,
@@ -614,19 +689,22 @@ def device_description(name: str) -> str:
     return f"{machine()}; device {device}"
 
 
-def report(all_results, budget: Budget, rows: list[Row], args, plots: dict, md: Path, seconds: float) -> str:
+def report(all_results, budget: Budget, rows: list[Row], args, plots: dict, md: Path) -> str:
     settings = budget.finetune
     batches = ", ".join(f"{m} {b}" for m, b in budget.pretrain_batch.items()) or "each method's own"
     rates = ", ".join(f"{m} {r:g}" for m, r in budget.pretrain_learning_rate.items())
     rates = f"{rates}; the others the paper's" if rates else "each paper's"
-    start, end = budget.markers()
+    start, end = budget.markers(list(all_results))
+    every_row = [row for results in all_results.values() for row in results.rows.values()]
+    compute = sum(sum(row.seconds.values()) for row in every_row)
     lines = [
         start,
         f"## Few-label benchmark, {budget.mode} mode",
         "",
         f"Command: `{shlex.join(['python', *sys.argv])}`  ",
         f"Machine: {device_description(args.device)}, {args.threads} threads; "
-        f"{time.strftime('%Y-%m-%d')}; {seconds / 60:.0f} min in all.  ",
+        f"{time.strftime('%Y-%m-%d')}; {compute / 60:.0f} min of pretraining, fine-tuning and scoring, "
+        "summed over the rows (each row's own run is listed at the end).  ",
         f"Mode **{budget.mode}**, preset `{budget.preset}` (UNet rows: its plain UNet(c1) of that width).  ",
         f"Pretraining: {budget.pretrain_steps} steps per stage, batch ({batches}), learning rate "
         f"({rates}), views "
@@ -643,11 +721,11 @@ def report(all_results, budget: Budget, rows: list[Row], args, plots: dict, md: 
     ]
     for key, results in all_results.items():
         lines.append(dataset_section(results, budget, rows, plots.get(key), md))
-    lines += ["<details><summary>Time per stage (s)</summary>", ""]
+    lines += ["<details><summary>Each row's run, and its time per stage (s)</summary>", ""]
     for key, results in all_results.items():
-        lines.append(
-            f"- {key}: " + "; ".join(f"{name} {value:.0f}" for name, value in results.seconds.items())
-        )
+        for row, row_results in results.rows.items():
+            stages = "; ".join(f"{name} {value:.0f}" for name, value in row_results.seconds.items())
+            lines.append(f"- {key} {row} ({row_results.ran}): {stages}")
     lines += ["", "</details>", end]
     return "\n".join(lines)
 
@@ -683,8 +761,12 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="also put the results into this markdown file")
     parser.add_argument("--plots", type=Path, help="default: benchmarks/results with --write, else WORK")
     parser.add_argument(
-        "--work", type=Path, help="checkpoints and results (default /tmp/kaf_<section>, e.g. kaf_few_label)"
+        "--work",
+        type=Path,
+        help="each row's results, reused by a later run of the same protocol (default /tmp/kaf_<mode>, "
+        "e.g. kaf_few_label_long)",
     )
+    parser.add_argument("--fresh", action="store_true", help="run every row again, ignoring WORK's results")
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"the data folder {DATA} is absent: this benchmark needs ../shared/data")
@@ -702,17 +784,17 @@ def main() -> None:
         f"{budget.pretrain_steps} steps/stage, fine-tuning {finetune_length(budget)}",
         flush=True,
     )
-    started = time.perf_counter()
     all_results, plots = {}, {}
     for key in args.datasets:
         all_results[key] = run_dataset(DATASETS[key], budget, rows, args, work)
         plots[key] = plot_dataset(all_results[key], budget, rows, plots_dir / f"{budget.file_stem}_{key}.png")
     md = work / "BENCHMARKS.md"
-    text = report(all_results, budget, rows, args, plots, args.write or md, time.perf_counter() - started)
+    text = report(all_results, budget, rows, args, plots, args.write or md)
     print(text)
-    write_section(md, text, budget.markers())
+    markers = budget.markers(args.datasets)
+    write_section(md, text, markers)
     if args.write:
-        write_section(args.write, text, budget.markers())
+        write_section(args.write, text, markers)
     print(f"written: {md}" + (f", {args.write}" if args.write else "") + f"; plots in {plots_dir}")
 
 
