@@ -316,9 +316,36 @@ def every_tenth(prefix: str) -> Callable[[ProgressEvent], None]:
         if event.loss is not None and (
             event.step == event.total or event.step % max(1, event.total // 10) == 0
         ):
-            print(f"  {prefix} {event.stage} {event.step}/{event.total} loss {event.loss:.3f}", flush=True)
+            terms = ", ".join(f"{name} {value:.3f}" for name, value in (event.terms or {}).items())
+            print(
+                f"  {prefix} {event.stage} {event.step}/{event.total} loss {event.loss:.3f}"
+                + (f" ({terms})" if terms else ""),
+                flush=True,
+            )
 
     return show
+
+
+@dataclass
+class TermLog:
+    """Each pretraining step's loss terms by stage, to report where they ended: a contrastive term that
+    stays at its chance value has learnt nothing, whatever the fine-tuning scores say."""
+
+    show: Callable[[ProgressEvent], None]
+    steps: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        self.show(event)
+        if event.terms is not None and not event.message:
+            self.steps.setdefault(event.stage, []).append(event.terms)
+
+    def final(self) -> dict[str, float]:
+        """Each stage's terms, mean over its last tenth of steps."""
+        final = {}
+        for stage, steps in self.steps.items():
+            tail = steps[-max(1, len(steps) // 10) :]
+            final |= {f"{stage}: {name}": float(np.mean([s[name] for s in tail])) for name in tail[0]}
+        return final
 
 
 def backbone_config(budget: Budget, backbone: str) -> ModelConfig:
@@ -328,7 +355,8 @@ def backbone_config(budget: Budget, backbone: str) -> ModelConfig:
 
 def pretrain_checkpoint(
     cases: Cases, row: Row, budget: Budget, device: str, work: Path, data_cache: dict
-) -> Initialisation:
+) -> tuple[Initialisation, dict[str, float]]:
+    """The pretrained weights, and the loss terms at the end of pretraining (TermLog.final)."""
     dataset = cases.dataset
     view = dataset.view_size
     if view not in data_cache:
@@ -350,10 +378,11 @@ def pretrain_checkpoint(
         save_every=10**9,
     )
     out = work / f"{dataset.key}_{row.key}.safetensors"
-    drive(pretrain(data_cache[view], settings, out), every_tenth(f"{dataset.key} {row.key}"))
+    log = TermLog(every_tenth(f"{dataset.key} {row.key}"))
+    drive(pretrain(data_cache[view], settings, out), log)
     state, metadata = load_checkpoint(out)
     out.unlink()  # up to a GB each with the paper preset; the benchmark needs it only in memory
-    return Initialisation(state, metadata, str(out))
+    return Initialisation(state, metadata, str(out)), log.final()
 
 
 def finetuned_model(
@@ -402,6 +431,7 @@ class RowResults:
     annotator: dict[int, list[float]]  # k -> per annotated volume
     seconds: dict[str, float]  # stage -> seconds
     ran: str  # when, where and at which commit
+    pretraining_terms: dict[str, float]  # TermLog.final; empty for random init
 
 
 @dataclass
@@ -426,6 +456,7 @@ def save_row(path: Path, fingerprint: str, row: RowResults) -> None:
         "annotator": {str(k): values for k, values in row.annotator.items()},
         "seconds": row.seconds,
         "ran": row.ran,
+        "pretraining_terms": row.pretraining_terms,
     }
     partial = path.with_suffix(".json.partial")
     partial.write_text(json.dumps(record, indent=1))
@@ -445,17 +476,25 @@ def load_row(path: Path, fingerprint: str) -> RowResults | None:
         {int(k): values for k, values in record["annotator"].items()},
         record["seconds"],
         record["ran"],
+        record.get("pretraining_terms", {}),  # absent from rows saved before the terms were kept
     )
 
 
 def run_row(
-    cases: Cases, row: Row, budget: Budget, draws, annotator_cases, args, work: Path, data_cache: dict
+    cases: Cases,
+    row: Row,
+    budget: Budget,
+    draws: dict[int, list[list[str]]],
+    annotator_cases: list[str],
+    args: argparse.Namespace,
+    work: Path,
+    data_cache: dict,
 ) -> RowResults:
     seconds = {}
     started = time.perf_counter()
-    init = None
+    init, terms = None, {}
     if row.method is not None:
-        init = pretrain_checkpoint(cases, row, budget, args.device, work, data_cache)
+        init, terms = pretrain_checkpoint(cases, row, budget, args.device, work, data_cache)
         seconds["pretrain"] = time.perf_counter() - started
     started = time.perf_counter()
     few_label = few_label_scores(cases, row, draws, init, budget, args.device)
@@ -464,10 +503,12 @@ def run_row(
     annotator = annotator_protocol(cases, row, annotator_cases, init, budget, args.device)
     seconds["annotator"] = time.perf_counter() - started
     ran = f"{time.strftime('%Y-%m-%d %H:%M')}, {device_description(args.device)}, {commit()}"
-    return RowResults(few_label, annotator, seconds, ran)
+    return RowResults(few_label, annotator, seconds, ran, terms)
 
 
-def run_dataset(dataset: Dataset, budget: Budget, rows: list[Row], args, work: Path) -> DatasetResults:
+def run_dataset(
+    dataset: Dataset, budget: Budget, rows: list[Row], args: argparse.Namespace, work: Path
+) -> DatasetResults:
     """Every row's results: from WORK where an earlier run of the same protocol left them (so a run too
     long for one sitting resumes row by row), else run and saved there."""
     config = preset_config(budget.preset)
@@ -721,11 +762,17 @@ def report(all_results, budget: Budget, rows: list[Row], args, plots: dict, md: 
     ]
     for key, results in all_results.items():
         lines.append(dataset_section(results, budget, rows, plots.get(key), md))
-    lines += ["<details><summary>Each row's run, and its time per stage (s)</summary>", ""]
+    lines += [
+        "<details><summary>Each row's run, its time per stage (s), and its pretraining loss terms at the end"
+        "</summary>",
+        "",
+    ]
     for key, results in all_results.items():
         for row, row_results in results.rows.items():
             stages = "; ".join(f"{name} {value:.0f}" for name, value in row_results.seconds.items())
-            lines.append(f"- {key} {row} ({row_results.ran}): {stages}")
+            terms = ", ".join(f"{name} {value:.3f}" for name, value in row_results.pretraining_terms.items())
+            ended = f"; pretraining's last tenth of steps: {terms}" if terms else ""
+            lines.append(f"- {key} {row} ({row_results.ran}): {stages}{ended}")
     lines += ["", "</details>", end]
     return "\n".join(lines)
 
