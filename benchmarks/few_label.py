@@ -740,7 +740,8 @@ def report(all_results, budget: Budget, rows: list[Row], args, plots: dict, md: 
     compute = sum(sum(row.seconds.values()) for row in every_row)
     lines = [
         start,
-        f"## Few-label benchmark, {budget.mode} mode",
+        f"## Few-label benchmark, {budget.mode} mode"
+        + ("" if sorted(all_results) == sorted(DATASETS) else f" ({', '.join(all_results)})"),
         "",
         f"Command: `{shlex.join(['python', *sys.argv])}`  ",
         f"Machine: {device_description(args.device)}, {args.threads} threads; "
