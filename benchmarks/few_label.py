@@ -92,6 +92,11 @@ DATASETS = {
 }
 
 
+def named_datasets(datasets: list[str]) -> list[str]:
+    """The datasets a section's name and heading carry: none where it holds them all."""
+    return [] if sorted(datasets) == sorted(DATASETS) else list(datasets)
+
+
 @dataclass(frozen=True)
 class Row:
     backbone: str  # "kaf" or "unet" (the plain UNet of the preset's width)
@@ -170,7 +175,7 @@ class Budget:
     def markers(self, datasets: list[str]) -> tuple[str, str]:
         """BENCHMARKS.md markers: one section per mode and set of datasets, so that a mode run on one
         dataset does not replace the section of another."""
-        name = self.section if sorted(datasets) == sorted(DATASETS) else "-".join([self.section, *datasets])
+        name = "-".join([self.section, *named_datasets(datasets)])
         return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
     def fingerprint(self, dataset: str, seed: int) -> str:
@@ -311,12 +316,16 @@ def split_cases(dataset: Dataset, test_patients: int, needed: int, seed: int, co
 # --- pretraining, fine-tuning, scoring ----------------------------------------------------------------------
 
 
+def loss_terms(terms: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.3f}" for name, value in terms.items())
+
+
 def every_tenth(prefix: str) -> Callable[[ProgressEvent], None]:
     def show(event: ProgressEvent) -> None:
         if event.loss is not None and (
             event.step == event.total or event.step % max(1, event.total // 10) == 0
         ):
-            terms = ", ".join(f"{name} {value:.3f}" for name, value in (event.terms or {}).items())
+            terms = loss_terms(event.terms or {})
             print(
                 f"  {prefix} {event.stage} {event.step}/{event.total} loss {event.loss:.3f}"
                 + (f" ({terms})" if terms else ""),
@@ -730,18 +739,20 @@ def device_description(name: str) -> str:
     return f"{machine()}; device {device}"
 
 
-def report(all_results, budget: Budget, rows: list[Row], args, plots: dict, md: Path) -> str:
+def report(
+    all_results, budget: Budget, rows: list[Row], args, plots: dict, md: Path, markers: tuple[str, str]
+) -> str:
     settings = budget.finetune
     batches = ", ".join(f"{m} {b}" for m, b in budget.pretrain_batch.items()) or "each method's own"
     rates = ", ".join(f"{m} {r:g}" for m, r in budget.pretrain_learning_rate.items())
     rates = f"{rates}; the others the paper's" if rates else "each paper's"
-    start, end = budget.markers(list(all_results))
+    start, end = markers
+    named = named_datasets(list(all_results))
     every_row = [row for results in all_results.values() for row in results.rows.values()]
     compute = sum(sum(row.seconds.values()) for row in every_row)
     lines = [
         start,
-        f"## Few-label benchmark, {budget.mode} mode"
-        + ("" if sorted(all_results) == sorted(DATASETS) else f" ({', '.join(all_results)})"),
+        f"## Few-label benchmark, {budget.mode} mode" + (f" ({', '.join(named)})" if named else ""),
         "",
         f"Command: `{shlex.join(['python', *sys.argv])}`  ",
         f"Machine: {device_description(args.device)}, {args.threads} threads; "
@@ -771,7 +782,7 @@ def report(all_results, budget: Budget, rows: list[Row], args, plots: dict, md: 
     for key, results in all_results.items():
         for row, row_results in results.rows.items():
             stages = "; ".join(f"{name} {value:.0f}" for name, value in row_results.seconds.items())
-            terms = ", ".join(f"{name} {value:.3f}" for name, value in row_results.pretraining_terms.items())
+            terms = loss_terms(row_results.pretraining_terms)
             ended = f"; pretraining's last tenth of steps: {terms}" if terms else ""
             lines.append(f"- {key} {row} ({row_results.ran}): {stages}{ended}")
     lines += ["", "</details>", end]
@@ -837,9 +848,9 @@ def main() -> None:
         all_results[key] = run_dataset(DATASETS[key], budget, rows, args, work)
         plots[key] = plot_dataset(all_results[key], budget, rows, plots_dir / f"{budget.file_stem}_{key}.png")
     md = work / "BENCHMARKS.md"
-    text = report(all_results, budget, rows, args, plots, args.write or md)
-    print(text)
     markers = budget.markers(args.datasets)
+    text = report(all_results, budget, rows, args, plots, args.write or md, markers)
+    print(text)
     write_section(md, text, markers)
     if args.write:
         write_section(args.write, text, markers)
