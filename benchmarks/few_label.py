@@ -59,7 +59,7 @@ from kaf.jobs.pretrain import PretrainSettings, pretrain
 from kaf.keypoints import KeypointConfig
 from kaf.metrics import copy_nearest_annotated, dice_on_unannotated, dice_per_class, spread_slices
 from kaf.models import KafUNet, ModelConfig, preset_config
-from kaf.ssl.data import load_pretrain_data
+from kaf.ssl.data import PretrainData, load_pretrain_data
 from kaf.volume_io import read_labels, read_volume
 from kaf.workflow import prepare_for_training
 
@@ -362,20 +362,18 @@ def backbone_config(budget: Budget, backbone: str) -> ModelConfig:
     return config if backbone == "kaf" else config.plain_unet()
 
 
-def pretrain_checkpoint(
-    cases: Cases, row: Row, budget: Budget, device: str, work: Path, data_cache: dict
-) -> tuple[Initialisation, dict[str, float]]:
-    """The pretrained weights, and the loss terms at the end of pretraining (TermLog.final)."""
-    dataset = cases.dataset
-    view = dataset.view_size
-    if view not in data_cache:
-        data_cache[view] = load_pretrain_data(
-            [cases.image(case) for case in cases.pool_cases()],
-            cases.config.input_size,
-            view // 2,
-            KeypointConfig(max_keypoints=cases.config.max_keypoints),
-        )
-    settings = PretrainSettings(
+def pool_pretrain_data(cases: Cases, view: int) -> PretrainData:
+    """The pool's images (no labels), with keypoints, for pretraining on views of `view` px."""
+    return load_pretrain_data(
+        [cases.image(case) for case in cases.pool_cases()],
+        cases.config.input_size,
+        view // 2,
+        KeypointConfig(max_keypoints=cases.config.max_keypoints),
+    )
+
+
+def pretrain_settings(row: Row, budget: Budget, view: int, device: str) -> PretrainSettings:
+    return PretrainSettings(
         method=row.method,
         preset=budget.preset,
         backbone=row.backbone,
@@ -386,6 +384,17 @@ def pretrain_checkpoint(
         device=device,
         save_every=10**9,
     )
+
+
+def pretrain_checkpoint(
+    cases: Cases, row: Row, budget: Budget, device: str, work: Path, data_cache: dict
+) -> tuple[Initialisation, dict[str, float]]:
+    """The pretrained weights, and the loss terms at the end of pretraining (TermLog.final)."""
+    dataset = cases.dataset
+    view = dataset.view_size
+    if view not in data_cache:
+        data_cache[view] = pool_pretrain_data(cases, view)
+    settings = pretrain_settings(row, budget, view, device)
     out = work / f"{dataset.key}_{row.key}.safetensors"
     log = TermLog(every_tenth(f"{dataset.key} {row.key}"))
     drive(pretrain(data_cache[view], settings, out), log)
