@@ -313,6 +313,13 @@ def split_cases(dataset: Dataset, test_patients: int, needed: int, seed: int, co
     return Cases(dataset, by_patient, test, pool, seed, config)
 
 
+def budget_cases(dataset: Dataset, budget: Budget, seed: int) -> Cases:
+    """The split a budget runs on: its test set size, a pool with room for its largest M, its preset."""
+    return split_cases(
+        dataset, budget.test_patients[dataset.key], max(budget.labelled), seed, preset_config(budget.preset)
+    )
+
+
 # --- pretraining, fine-tuning, scoring ----------------------------------------------------------------------
 
 
@@ -529,8 +536,7 @@ def run_dataset(
 ) -> DatasetResults:
     """Every row's results: from WORK where an earlier run of the same protocol left them (so a run too
     long for one sitting resumes row by row), else run and saved there."""
-    config = preset_config(budget.preset)
-    cases = split_cases(dataset, budget.test_patients[dataset.key], max(budget.labelled), args.seed, config)
+    cases = budget_cases(dataset, budget, args.seed)
     print(f"{dataset.key}: test patients {cases.test}; pool of {len(cases.pool)} patients", flush=True)
     draws = {M: [cases.draw(M, d) for d in range(budget.draws)] for M in budget.labelled}
     annotator_cases = cases.test_cases()[: budget.annotator_volumes]

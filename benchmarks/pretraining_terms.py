@@ -24,16 +24,15 @@ from few_label import (  # benchmarks/ is on the path when this file runs
     DATA,
     DATASETS,
     LONG,
+    budget_cases,
     loss_terms,
     pool_pretrain_data,
     pretrain_settings,
-    split_cases,
 )
 from speed import machine
 
 from kaf.jobs.events import ProgressEvent, drive
 from kaf.jobs.pretrain import pretrain
-from kaf.models import preset_config
 
 
 def main() -> None:
@@ -53,9 +52,7 @@ def main() -> None:
         raise SystemExit(f"the data folder {DATA} is absent: this diagnostic needs ../shared/data")
     torch.set_num_threads(args.threads)
     dataset, row = DATASETS[args.dataset], ALL_ROWS[args.row]
-    cases = split_cases(
-        dataset, LONG.test_patients[dataset.key], max(LONG.labelled), 0, preset_config(LONG.preset)
-    )
+    cases = budget_cases(dataset, LONG, seed=0)
     settings = pretrain_settings(row, LONG, dataset.view_size, "cpu")
     settings = replace(
         settings,
