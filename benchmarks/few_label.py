@@ -26,7 +26,9 @@ Each row's results are saved in WORK as it finishes, and a later run of the same
 and seed) reuses them: a run too long for one sitting resumes row by row (`--fresh` runs every row again).
 Results go to WORK/BENCHMARKS.md always, and into the --write file only when asked (between the markers
 of the section of this mode and these datasets, keeping the rest of the file); plots (Dice against M and
-against k) beside it.
+against k) beside it. A run given `--draws` writes its own section and plots (e.g. "long mode, 8 draws"),
+beside the mode's. Each section pairs every pretrained row with random init of the same network, draw by
+draw, with a sign test.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend
+from scipy.stats import binomtest
 from speed import machine  # benchmarks/ is on the path when this file runs
 
 from kaf.checkpoints import load_checkpoint
@@ -90,6 +93,11 @@ DATASETS = {
         "hippocampus", "msd_hippocampus", "MSD hippocampus (T1 MRI)", ("anterior", "posterior"), 32, False
     ),
 }
+
+
+def slug(variant: str | None) -> list[str]:
+    """A variant's part of section and file names ("8 draws" -> ["8-draws"])."""
+    return [variant.replace(" ", "-")] if variant else []
 
 
 def named_datasets(datasets: list[str]) -> list[str]:
@@ -172,10 +180,10 @@ class Budget:
     def file_stem(self) -> str:
         return self.section.replace("-", "_")
 
-    def markers(self, datasets: list[str]) -> tuple[str, str]:
-        """BENCHMARKS.md markers: one section per mode and set of datasets, so that a mode run on one
-        dataset does not replace the section of another."""
-        name = "-".join([self.section, *named_datasets(datasets)])
+    def markers(self, datasets: list[str], variant: str | None) -> tuple[str, str]:
+        """BENCHMARKS.md markers: one section per mode, variant and set of datasets, so that a mode run on
+        one dataset (or with other draws) does not replace the section of another."""
+        name = "-".join([self.section, *slug(variant), *named_datasets(datasets)])
         return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
     def fingerprint(self, dataset: str, seed: int) -> str:
@@ -646,6 +654,7 @@ def dataset_section(
     for row in rows:
         cells = [cell(draw_means(results.rows[row.key].few_label[M])) for M in budget.labelled]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    lines += paired_with_random_init(results, budget, rows)
     lines += ["", "Per class (mean (std) over draws):", ""]
     lines += ["| method | M | " + " | ".join(dataset.foreground) + " |"]
     lines += ["|---|---|" + "---|" * len(dataset.foreground)]
@@ -680,6 +689,37 @@ def dataset_section(
         lines += [f"- M = {M}: " + "; ".join(", ".join(names) for names in draws)]
     lines += ["", "</details>", ""]
     return "\n".join(lines)
+
+
+def paired_with_random_init(results: DatasetResults, budget: Budget, rows: list[Row]) -> list[str]:
+    """Each pretrained row against random init of the same network, draw by draw (every row fine-tunes on
+    the same labelled volumes): how often it scored higher, the mean difference, and the exact two-sided
+    sign test (ties dropped), which asks nothing of the differences' distribution."""
+    lines = []
+    for row in rows:
+        baseline = Row(row.backbone, None)
+        if row.method is None or baseline.key not in results.rows:
+            continue
+        pretrained, from_random = results.rows[row.key].few_label, results.rows[baseline.key].few_label
+        differences = np.concatenate(
+            [draw_means(pretrained[M]) - draw_means(from_random[M]) for M in budget.labelled]
+        )
+        higher, lower = int(np.sum(differences > 0)), int(np.sum(differences < 0))
+        p = f"{binomtest(higher, higher + lower).pvalue:.3f}" if higher + lower else "–"
+        lines.append(
+            f"| {row.label} | {baseline.label} | {higher} of {len(differences)} | "
+            f"{np.nanmean(differences):+.3f} | {p} |"
+        )
+    if not lines:
+        return []
+    return [
+        "",
+        "Paired with random init of the same network, over every M and draw (the same labelled volumes):",
+        "",
+        "| method | against | higher in | mean difference | sign test p (two-sided) |",
+        "|---|---|---|---|---|",
+        *lines,
+    ]
 
 
 def paper_table(results: DatasetResults, budget: Budget) -> list[str]:
@@ -755,19 +795,27 @@ def device_description(name: str) -> str:
 
 
 def report(
-    all_results, budget: Budget, rows: list[Row], args, plots: dict, md: Path, markers: tuple[str, str]
+    all_results,
+    budget: Budget,
+    rows: list[Row],
+    args,
+    plots: dict,
+    md: Path,
+    variant: str | None,
 ) -> str:
     settings = budget.finetune
     batches = ", ".join(f"{m} {b}" for m, b in budget.pretrain_batch.items()) or "each method's own"
     rates = ", ".join(f"{m} {r:g}" for m, r in budget.pretrain_learning_rate.items())
     rates = f"{rates}; the others the paper's" if rates else "each paper's"
-    start, end = markers
+    start, end = budget.markers(list(all_results), variant)
     named = named_datasets(list(all_results))
     every_row = [row for results in all_results.values() for row in results.rows.values()]
     compute = sum(sum(row.seconds.values()) for row in every_row)
     lines = [
         start,
-        f"## Few-label benchmark, {budget.mode} mode" + (f" ({', '.join(named)})" if named else ""),
+        f"## Few-label benchmark, {budget.mode} mode"
+        + (f", {variant}" if variant else "")
+        + (f" ({', '.join(named)})" if named else ""),
         "",
         f"Command: `{shlex.join(['python', *sys.argv])}`  ",
         f"Machine: {device_description(args.device)}, {args.threads} threads; "
@@ -847,6 +895,8 @@ def main() -> None:
     budget = FULL if args.full else LONG if args.long else QUICK
     budget = budget.smoke() if args.smoke else budget
     budget = replace(budget, draws=args.draws) if args.draws else budget
+    # Explicit draws get their own section and plots, beside the mode's rather than in their place.
+    variant = f"{budget.draws} draws" if args.draws else None
     rows = [ALL_ROWS[key] for key in args.rows] if args.rows else list(budget.rows)
     work = args.work or Path("/tmp") / f"kaf_{budget.file_stem}"
     work.mkdir(parents=True, exist_ok=True)
@@ -861,10 +911,11 @@ def main() -> None:
     all_results, plots = {}, {}
     for key in args.datasets:
         all_results[key] = run_dataset(DATASETS[key], budget, rows, args, work)
-        plots[key] = plot_dataset(all_results[key], budget, rows, plots_dir / f"{budget.file_stem}_{key}.png")
+        stem = "_".join([budget.file_stem, *slug(variant), key]).replace("-", "_")
+        plots[key] = plot_dataset(all_results[key], budget, rows, plots_dir / f"{stem}.png")
     md = work / "BENCHMARKS.md"
-    markers = budget.markers(args.datasets)
-    text = report(all_results, budget, rows, args, plots, args.write or md, markers)
+    markers = budget.markers(args.datasets, variant)
+    text = report(all_results, budget, rows, args, plots, args.write or md, variant)
     print(text)
     write_section(md, text, markers)
     if args.write:
