@@ -691,6 +691,13 @@ def dataset_section(
     return "\n".join(lines)
 
 
+def sign_test(higher: int, lower: int) -> str:
+    if higher + lower == 0:
+        return "–"
+    p = binomtest(higher, higher + lower).pvalue
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def paired_with_random_init(results: DatasetResults, budget: Budget, rows: list[Row]) -> list[str]:
     """Each pretrained row against random init of the same network, draw by draw (every row fine-tunes on
     the same labelled volumes): how often it scored higher, the mean difference, and the exact two-sided
@@ -705,7 +712,7 @@ def paired_with_random_init(results: DatasetResults, budget: Budget, rows: list[
             [draw_means(pretrained[M]) - draw_means(from_random[M]) for M in budget.labelled]
         )
         higher, lower = int(np.sum(differences > 0)), int(np.sum(differences < 0))
-        p = f"{binomtest(higher, higher + lower).pvalue:.3f}" if higher + lower else "–"
+        p = sign_test(higher, lower)
         lines.append(
             f"| {row.label} | {baseline.label} | {higher} of {len(differences)} | "
             f"{np.nanmean(differences):+.3f} | {p} |"
@@ -746,6 +753,7 @@ def plot_dataset(results: DatasetResults, budget: Budget, rows: list[Row], path:
     figure = Figure(figsize=(10, 4), layout="constrained")
     left, right = figure.subplots(1, 2)
     for row in rows:
+        colour = f"C{list(ALL_ROWS).index(row.key)}"  # the same for a row in every plot
         means = [draw_means(results.rows[row.key].few_label[M]) for M in budget.labelled]
         spread = [np.nanstd(m, ddof=1) if len(m) > 1 else 0.0 for m in means]
         left.errorbar(
@@ -754,12 +762,14 @@ def plot_dataset(results: DatasetResults, budget: Budget, rows: list[Row], path:
             yerr=spread,
             marker="o",
             capsize=3,
+            color=colour,
             label=row.label,
         )
         right.plot(
             budget.annotated,
             [np.mean(results.rows[row.key].annotator[k]) for k in budget.annotated],
             marker="o",
+            color=colour,
         )
     right.plot(
         budget.annotated,
