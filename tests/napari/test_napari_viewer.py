@@ -206,8 +206,4 @@ def test_demo_outputs_open_in_napari_with_the_widget(tmp_path, monkeypatch, plug
     assert names == ["image", "kaf:uncertainty", "reference", "kaf:annotation", "kaf:prediction"]
     assert np.array_equal(viewer.layers["kaf:prediction"].data, labels)
     assert viewer.dims.current_step[0] == 3  # the first annotated slice
-    assert any(
-        isinstance(widget, KafWidget)
-        for widget in viewer.window._dock_widgets.values()
-        for widget in [widget.widget()]
-    )
+    assert any(isinstance(widget, KafWidget) for widget in viewer.window.dock_widgets.values())
