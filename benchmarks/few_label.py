@@ -22,8 +22,11 @@ its numbers mean nothing).
                                    [--datasets acdc hippocampus] [--rows unet kaf kaf+kaf ...] [--draws N]
                                    [--write BENCHMARKS.md] [--plots DIR] [--work DIR] [--fresh]
 
-Each row's results are saved in WORK as it finishes, and a later run of the same protocol (budget, dataset
-and seed) reuses them: a run too long for one sitting resumes row by row (`--fresh` runs every row again).
+Each row's results are saved in WORK draw by draw, and a later run of the same protocol (budget, dataset and
+seed; the number of draws aside) reuses them: a run too long for one sitting resumes where it stopped, and a
+run with more draws runs only the new ones, since draw d is the same labelled volumes and seed whatever the
+number of draws (`--fresh` runs every row again). A pretrained row keeps its weights in WORK until the row
+is complete.
 Results go to WORK/BENCHMARKS.md always, and into the --write file only when asked (between the markers
 of the section of this mode and these datasets, keeping the rest of the file); plots (Dice against M and
 against k) beside it. A run given `--draws` writes its own section and plots (e.g. "long mode, 8 draws"),
@@ -187,8 +190,9 @@ class Budget:
         return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
     def fingerprint(self, dataset: str, seed: int) -> str:
-        """What a row's cached results depend on: the budget (its rows and note aside), dataset and seed."""
-        protocol = replace(self, rows=(), note="")
+        """What a row's saved results depend on: the budget (its rows, note and number of draws aside),
+        dataset and seed."""
+        protocol = replace(self, rows=(), note="", draws=0)
         return hashlib.sha256(repr((protocol, dataset, seed)).encode()).hexdigest()[:16]
 
     def finetune_steps(self, slices: int) -> int:
@@ -402,20 +406,21 @@ def pretrain_settings(row: Row, budget: Budget, view: int, device: str) -> Pretr
 
 
 def pretrain_checkpoint(
-    cases: Cases, row: Row, budget: Budget, device: str, work: Path, data_cache: dict
-) -> tuple[Initialisation, dict[str, float]]:
-    """The pretrained weights, and the loss terms at the end of pretraining (TermLog.final)."""
-    dataset = cases.dataset
-    view = dataset.view_size
+    cases: Cases, row: Row, budget: Budget, device: str, out: Path, data_cache: dict
+) -> dict[str, float]:
+    """Pretrain into `out`; the loss terms at the end of pretraining (TermLog.final)."""
+    view = cases.dataset.view_size
     if view not in data_cache:
         data_cache[view] = pool_pretrain_data(cases, view)
     settings = pretrain_settings(row, budget, view, device)
-    out = work / f"{dataset.key}_{row.key}.safetensors"
-    log = TermLog(every_tenth(f"{dataset.key} {row.key}"))
+    log = TermLog(every_tenth(f"{cases.dataset.key} {row.key}"))
     drive(pretrain(data_cache[view], settings, out), log)
-    state, metadata = load_checkpoint(out)
-    out.unlink()  # up to a GB each with the paper preset; the benchmark needs it only in memory
-    return Initialisation(state, metadata, str(out)), log.final()
+    return log.final()
+
+
+def initialisation(path: Path) -> Initialisation:
+    state, metadata = load_checkpoint(path)
+    return Initialisation(state, metadata, str(path))
 
 
 def finetuned_model(
@@ -460,11 +465,29 @@ def dice_elsewhere(prediction: np.ndarray, sparse: LabelledVolume, classes: int)
 
 @dataclass
 class RowResults:
-    few_label: dict[int, list[np.ndarray]]  # M -> per draw [test volumes, foreground classes]
-    annotator: dict[int, list[float]]  # k -> per annotated volume
-    seconds: dict[str, float]  # stage -> seconds
-    ran: str  # when, where and at which commit
-    pretraining_terms: dict[str, float]  # TermLog.final; empty for random init
+    """A row's results so far: draws are added one at a time, the annotator's protocol last."""
+
+    few_label: dict[int, list[np.ndarray]] = field(default_factory=dict)  # M -> per draw [volumes, classes]
+    annotator: dict[int, list[float]] = field(default_factory=dict)  # k -> per annotated volume
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds, summed over the runs
+    runs: list[str] = field(default_factory=list)  # each run that added to it: when, where, which commit
+    pretraining_terms: dict[str, float] = field(default_factory=dict)  # TermLog.final; none: random init
+
+    def draws_done(self, labelled: int) -> int:
+        return len(self.few_label.get(labelled, []))
+
+    def complete(self, budget: Budget) -> bool:
+        return all(self.draws_done(M) >= budget.draws for M in budget.labelled) and all(
+            k in self.annotator for k in budget.annotated
+        )
+
+    def first_draws(self, draws: int) -> RowResults:
+        """These results as a run with `draws` draws reports them (a run with more may have saved more)."""
+        few_label = {M: scores[:draws] for M, scores in self.few_label.items()}
+        return replace(self, few_label=few_label)
+
+    def add_seconds(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
 
 @dataclass
@@ -488,7 +511,7 @@ def save_row(path: Path, fingerprint: str, row: RowResults) -> None:
         "few_label": {str(M): [a.tolist() for a in draws] for M, draws in row.few_label.items()},
         "annotator": {str(k): values for k, values in row.annotator.items()},
         "seconds": row.seconds,
-        "ran": row.ran,
+        "runs": row.runs,
         "pretraining_terms": row.pretraining_terms,
     }
     partial = path.with_suffix(".json.partial")
@@ -496,54 +519,95 @@ def save_row(path: Path, fingerprint: str, row: RowResults) -> None:
     partial.replace(path)  # a run killed mid-write leaves the previous file whole
 
 
-def load_row(path: Path, fingerprint: str) -> RowResults | None:
-    """A row's results from an earlier run of the same protocol; None where there are none."""
+def load_row(path: Path, fingerprint: str) -> RowResults:
+    """A row's results from earlier runs of the same protocol; empty where there are none."""
     if not path.exists():
-        return None
+        return RowResults()
     record = json.loads(path.read_text())
     if record["fingerprint"] != fingerprint:
         print(f"  {path}: from another budget or seed, run again", flush=True)
-        return None
+        return RowResults()
     return RowResults(
         {int(M): [np.array(a, dtype=float) for a in draws] for M, draws in record["few_label"].items()},
         {int(k): values for k, values in record["annotator"].items()},
         record["seconds"],
-        record["ran"],
-        record.get("pretraining_terms", {}),  # absent from rows saved before the terms were kept
+        record["runs"],
+        record["pretraining_terms"],
     )
 
 
+@dataclass
+class RowRun:
+    """One row being run: what it needs, and where its results and pretrained weights are kept."""
+
+    cases: Cases
+    row: Row
+    budget: Budget
+    args: argparse.Namespace
+    path: Path  # the row's results
+    fingerprint: str
+
+    @property
+    def weights(self) -> Path:
+        return self.path.with_name(f"{self.path.stem}_{self.fingerprint}.safetensors")
+
+    def save(self, results: RowResults) -> None:
+        save_row(self.path, self.fingerprint, results)
+
+
+def pretrained_init(run: RowRun, results: RowResults, data_cache: dict) -> Initialisation:
+    """The row's pretrained weights: those an interrupted run kept, else pretrained now (seeded, so on the
+    same machine the same as the weights the saved draws were fine-tuned from: the loss terms say so)."""
+    if results.pretraining_terms and run.weights.exists():
+        return initialisation(run.weights)
+    started = time.perf_counter()
+    terms = pretrain_checkpoint(run.cases, run.row, run.budget, run.args.device, run.weights, data_cache)
+    if results.pretraining_terms and terms != results.pretraining_terms:
+        print(f"  pretrained again, other loss terms than before: {loss_terms(terms)}", flush=True)
+    results.pretraining_terms = results.pretraining_terms or terms
+    results.seconds["pretrain"] = time.perf_counter() - started  # one pretraining, however many runs
+    run.save(results)
+    return initialisation(run.weights)
+
+
 def run_row(
-    cases: Cases,
-    row: Row,
-    budget: Budget,
+    run: RowRun,
+    results: RowResults,
     draws: dict[int, list[list[str]]],
     annotator_cases: list[str],
-    args: argparse.Namespace,
-    work: Path,
     data_cache: dict,
 ) -> RowResults:
-    seconds = {}
-    started = time.perf_counter()
-    init, terms = None, {}
-    if row.method is not None:
-        init, terms = pretrain_checkpoint(cases, row, budget, args.device, work, data_cache)
-        seconds["pretrain"] = time.perf_counter() - started
-    started = time.perf_counter()
-    few_label = few_label_scores(cases, row, draws, init, budget, args.device)
-    seconds["few-label"] = time.perf_counter() - started
-    started = time.perf_counter()
-    annotator = annotator_protocol(cases, row, annotator_cases, init, budget, args.device)
-    seconds["annotator"] = time.perf_counter() - started
-    ran = f"{time.strftime('%Y-%m-%d %H:%M')}, {device_description(args.device)}, {commit()}"
-    return RowResults(few_label, annotator, seconds, ran, terms)
+    """Add the draws and annotator's results `results` lacks, saving after each."""
+    cases, row, budget, device = run.cases, run.row, run.budget, run.args.device
+    init = None if row.method is None else pretrained_init(run, results, data_cache)
+    config = backbone_config(budget, row.backbone)
+    for M, drawn in draws.items():
+        for d in range(results.draws_done(M), len(drawn)):
+            started = time.perf_counter()
+            volumes = [cases.volume(name) for name in drawn[d]]
+            steps = budget.finetune_steps(sum(v.prepared.slice_count for v in volumes))
+            settings = replace(budget.finetune, steps=steps, seed=d, device=device)
+            scores = score_test_set(finetuned_model(cases, volumes, settings, init, config), cases, device)
+            results.few_label.setdefault(M, []).append(scores)
+            results.add_seconds("few-label", time.perf_counter() - started)
+            run.save(results)
+            print(f"  {cases.dataset.key} {row.key} M={M} draw {d}: {np.nanmean(scores):.3f}", flush=True)
+    if not all(k in results.annotator for k in budget.annotated):
+        started = time.perf_counter()
+        results.annotator = annotator_protocol(cases, row, annotator_cases, init, budget, device)
+        results.add_seconds("annotator", time.perf_counter() - started)
+    when = time.strftime("%Y-%m-%d %H:%M")
+    results.runs.append(f"{when}, {device_description(device)}, {run.args.threads} threads, {commit()}")
+    run.save(results)
+    run.weights.unlink(missing_ok=True)  # up to a GB each with the paper preset
+    return results
 
 
 def run_dataset(
     dataset: Dataset, budget: Budget, rows: list[Row], args: argparse.Namespace, work: Path
 ) -> DatasetResults:
-    """Every row's results: from WORK where an earlier run of the same protocol left them (so a run too
-    long for one sitting resumes row by row), else run and saved there."""
+    """Every row's results: from WORK where earlier runs of the same protocol left them (so a run too long
+    for one sitting resumes draw by draw), else run and saved there."""
     cases = budget_cases(dataset, budget, args.seed)
     print(f"{dataset.key}: test patients {cases.test}; pool of {len(cases.pool)} patients", flush=True)
     draws = {M: [cases.draw(M, d) for d in range(budget.draws)] for M in budget.labelled}
@@ -559,39 +623,14 @@ def run_dataset(
     fingerprint = budget.fingerprint(dataset.key, args.seed)
     data_cache: dict = {}
     for row in rows:
-        path = work / f"{dataset.key}_{row.key}.json"
-        cached = None if args.fresh else load_row(path, fingerprint)
-        if cached is None:
-            cached = run_row(cases, row, budget, draws, annotator_cases, args, work, data_cache)
-            save_row(path, fingerprint, cached)
+        run = RowRun(cases, row, budget, args, work / f"{dataset.key}_{row.key}.json", fingerprint)
+        saved = RowResults() if args.fresh else load_row(run.path, fingerprint)
+        if saved.complete(budget):
+            print(f"  {dataset.key} {row.key}: earlier runs' results ({'; '.join(saved.runs)})", flush=True)
         else:
-            print(f"  {dataset.key} {row.key}: an earlier run's results ({cached.ran}), {path}", flush=True)
-        results.rows[row.key] = cached
+            saved = run_row(run, saved, draws, annotator_cases, data_cache)
+        results.rows[row.key] = saved.first_draws(budget.draws)
     return results
-
-
-def few_label_scores(
-    cases: Cases,
-    row: Row,
-    draws: dict[int, list[list[str]]],
-    init: Initialisation | None,
-    budget: Budget,
-    device: str,
-) -> dict[int, list[np.ndarray]]:
-    """M -> per draw [test volumes, foreground classes] Dice."""
-    scores: dict[int, list[np.ndarray]] = {}
-    for M, drawn in draws.items():
-        scores[M] = []
-        for d, names in enumerate(drawn):
-            volumes = [cases.volume(name) for name in names]
-            steps = budget.finetune_steps(sum(v.prepared.slice_count for v in volumes))
-            settings = replace(budget.finetune, steps=steps, seed=d, device=device)
-            model = finetuned_model(cases, volumes, settings, init, backbone_config(budget, row.backbone))
-            scores[M].append(score_test_set(model, cases, device))
-            print(
-                f"  {cases.dataset.key} {row.key} M={M} draw {d}: {np.nanmean(scores[M][-1]):.3f}", flush=True
-            )
-    return scores
 
 
 def annotator_protocol(
@@ -830,7 +869,7 @@ def report(
         f"Command: `{shlex.join(['python', *sys.argv])}`  ",
         f"Machine: {device_description(args.device)}, {args.threads} threads; "
         f"{time.strftime('%Y-%m-%d')}; {compute / 60:.0f} min of pretraining, fine-tuning and scoring, "
-        "summed over the rows (each row's own run is listed at the end).  ",
+        "summed over the rows (each row's runs are listed at the end).  ",
         f"Mode **{budget.mode}**, preset `{budget.preset}` (UNet rows: its plain UNet(c1) of that width).  ",
         f"Pretraining: {budget.pretrain_steps} steps per stage, batch ({batches}), learning rate "
         f"({rates}), views "
@@ -848,8 +887,8 @@ def report(
     for key, results in all_results.items():
         lines.append(dataset_section(results, budget, rows, plots.get(key), md))
     lines += [
-        "<details><summary>Each row's run, its time per stage (s), and its pretraining loss terms at the end"
-        "</summary>",
+        "<details><summary>Each row's runs, its time per stage (s, summed over its runs), and its "
+        "pretraining loss terms at the end</summary>",
         "",
     ]
     for key, results in all_results.items():
@@ -857,7 +896,7 @@ def report(
             stages = "; ".join(f"{name} {value:.0f}" for name, value in row_results.seconds.items())
             terms = loss_terms(row_results.pretraining_terms)
             ended = f"; pretraining's last tenth of steps: {terms}" if terms else ""
-            lines.append(f"- {key} {row} ({row_results.ran}): {stages}{ended}")
+            lines.append(f"- {key} {row} ({'; '.join(row_results.runs)}): {stages}{ended}")
     lines += ["", "</details>", end]
     return "\n".join(lines)
 

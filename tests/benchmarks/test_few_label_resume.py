@@ -1,0 +1,101 @@
+"""benchmarks/few_label.py keeps each row's results draw by draw: an interrupted run resumes where it
+stopped, and a run with more draws runs only the new ones. Fine-tuning and scoring are replaced by fakes
+that record which draws ran; the bookkeeping under test is the benchmark's own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import few_label  # benchmarks/ is not a package
+
+BUDGET = replace(few_label.LONG.smoke(), labelled=(1, 2), draws=2)
+ROW = few_label.Row("unet", None)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """Fine-tuning returns the seed (the draw) it was given, scoring turns it into a Dice array; a list
+    records the (M, draw) of each fine-tune, and `stop_at` interrupts the run at that fine-tune."""
+    ran: list[tuple[int, int]] = []
+    state = SimpleNamespace(ran=ran, stop_at=None)
+
+    def finetuned_model(cases, volumes, settings, init, config):
+        if len(ran) == state.stop_at:
+            raise Interrupted
+        ran.append((len(volumes), settings.seed))
+        return (len(volumes), settings.seed)
+
+    monkeypatch.setattr(few_label, "finetuned_model", finetuned_model)
+    monkeypatch.setattr(
+        few_label, "score_test_set", lambda model, cases, device: np.array([[model[0] + model[1] / 10]])
+    )
+    monkeypatch.setattr(few_label, "annotator_protocol", lambda *a: {k: [0.5] for k in BUDGET.annotated})
+    return state
+
+
+def row_run(tmp_path: Path, budget: few_label.Budget) -> few_label.RowRun:
+    dataset = few_label.DATASETS["hippocampus"]
+    cases = few_label.Cases(dataset, {}, [], [], 0, few_label.preset_config(budget.preset))
+    names = [f"case{i}" for i in range(4)]
+    for name in names:
+        cases.prepared[name] = SimpleNamespace(prepared=SimpleNamespace(slice_count=10))
+    args = argparse.Namespace(device="cpu", threads=2)
+    fingerprint = budget.fingerprint(dataset.key, 0)
+    return few_label.RowRun(cases, ROW, budget, args, tmp_path / "row.json", fingerprint)
+
+
+def draws(budget: few_label.Budget) -> dict[int, list[list[str]]]:
+    return {M: [[f"case{i}" for i in range(M)] for _ in range(budget.draws)] for M in budget.labelled}
+
+
+def run(tmp_path: Path, budget: few_label.Budget) -> few_label.RowResults:
+    row = row_run(tmp_path, budget)
+    saved = few_label.load_row(row.path, row.fingerprint)
+    return few_label.run_row(row, saved, draws(budget), [], {})
+
+
+def test_more_draws_run_only_the_new_ones(tmp_path, fake_training):
+    first = run(tmp_path, BUDGET)
+    assert fake_training.ran == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert first.complete(BUDGET)
+    more = replace(BUDGET, draws=3)
+    assert more.fingerprint("hippocampus", 0) == BUDGET.fingerprint("hippocampus", 0)
+    fake_training.ran.clear()
+    extended = run(tmp_path, more)
+    assert fake_training.ran == [(1, 2), (2, 2)]
+    assert [float(s[0, 0]) for s in extended.few_label[2]] == pytest.approx([2.0, 2.1, 2.2])
+    assert len(extended.runs) == 2
+    assert np.array_equal(extended.first_draws(2).few_label[1], first.few_label[1])
+
+
+def test_an_interrupted_run_resumes_at_the_draw_it_stopped_at(tmp_path, fake_training):
+    fake_training.stop_at = 3
+    with pytest.raises(Interrupted):
+        run(tmp_path, BUDGET)
+    row = row_run(tmp_path, BUDGET)
+    saved = few_label.load_row(row.path, row.fingerprint)
+    assert {M: saved.draws_done(M) for M in BUDGET.labelled} == {1: 2, 2: 1}
+    assert not saved.complete(BUDGET) and saved.runs == []
+    fake_training.stop_at = None
+    resumed = run(tmp_path, BUDGET)
+    assert fake_training.ran == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert resumed.complete(BUDGET)
+
+
+def test_results_of_another_protocol_are_not_reused(tmp_path, fake_training):
+    run(tmp_path, BUDGET)
+    other = replace(BUDGET, annotator_steps=BUDGET.annotator_steps + 1)
+    row = row_run(tmp_path, other)
+    assert few_label.load_row(row.path, row.fingerprint).few_label == {}
