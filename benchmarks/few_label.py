@@ -579,6 +579,8 @@ def run_row(
 ) -> RowResults:
     """Add the draws and annotator's results `results` lacks, saving after each."""
     cases, row, budget, device = run.cases, run.row, run.budget, run.args.device
+    when = time.strftime("%Y-%m-%d %H:%M")  # and the commit, as the run starts: the code it ran
+    this_run = f"{when}, {device_description(device)}, {run.args.threads} threads, {commit()}"
     init = None if row.method is None else pretrained_init(run, results, data_cache)
     config = backbone_config(budget, row.backbone)
     for M, drawn in draws.items():
@@ -596,8 +598,7 @@ def run_row(
         started = time.perf_counter()
         results.annotator = annotator_protocol(cases, row, annotator_cases, init, budget, device)
         results.add_seconds("annotator", time.perf_counter() - started)
-    when = time.strftime("%Y-%m-%d %H:%M")
-    results.runs.append(f"{when}, {device_description(device)}, {run.args.threads} threads, {commit()}")
+    results.runs.append(this_run)
     run.save(results)
     run.weights.unlink(missing_ok=True)  # up to a GB each with the paper preset
     return results
