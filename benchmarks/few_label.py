@@ -55,7 +55,6 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend
 from scipy.stats import binomtest
 from speed import machine  # benchmarks/ is on the path when this file runs
 
-from kaf.checkpoints import load_checkpoint
 from kaf.devices import resolve_device
 from kaf.jobs.events import ProgressEvent, drive
 from kaf.jobs.finetune import FinetuneSettings, Initialisation
@@ -67,7 +66,7 @@ from kaf.metrics import copy_nearest_annotated, dice_on_unannotated, dice_per_cl
 from kaf.models import KafUNet, ModelConfig, preset_config
 from kaf.ssl.data import PretrainData, load_pretrain_data
 from kaf.volume_io import read_labels, read_volume
-from kaf.workflow import prepare_for_training
+from kaf.workflow import load_initialisation, prepare_for_training
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COPY = "copy nearest annotated slice"
@@ -418,11 +417,6 @@ def pretrain_checkpoint(
     return log.final()
 
 
-def initialisation(path: Path) -> Initialisation:
-    state, metadata = load_checkpoint(path)
-    return Initialisation(state, metadata, str(path))
-
-
 def finetuned_model(
     cases: Cases,
     volumes: list[LabelledVolume],
@@ -476,10 +470,12 @@ class RowResults:
     def draws_done(self, labelled: int) -> int:
         return len(self.few_label.get(labelled, []))
 
+    def annotator_done(self, budget: Budget) -> bool:
+        return all(k in self.annotator for k in budget.annotated)
+
     def complete(self, budget: Budget) -> bool:
-        return all(self.draws_done(M) >= budget.draws for M in budget.labelled) and all(
-            k in self.annotator for k in budget.annotated
-        )
+        draws_done = all(self.draws_done(M) >= budget.draws for M in budget.labelled)
+        return draws_done and self.annotator_done(budget)
 
     def first_draws(self, draws: int) -> RowResults:
         """These results as a run with `draws` draws reports them (a run with more may have saved more)."""
@@ -555,11 +551,16 @@ class RowRun:
         save_row(self.path, self.fingerprint, results)
 
 
+def pretrained_weights(run: RowRun) -> Initialisation:
+    # No preset check: a UNet row's weights are the preset's plain UNet, which the preset itself is not.
+    return load_initialisation(run.weights, preset=None)
+
+
 def pretrained_init(run: RowRun, results: RowResults, data_cache: dict) -> Initialisation:
     """The row's pretrained weights: those an interrupted run kept, else pretrained now (seeded, so on the
     same machine the same as the weights the saved draws were fine-tuned from: the loss terms say so)."""
     if results.pretraining_terms and run.weights.exists():
-        return initialisation(run.weights)
+        return pretrained_weights(run)
     started = time.perf_counter()
     terms = pretrain_checkpoint(run.cases, run.row, run.budget, run.args.device, run.weights, data_cache)
     if results.pretraining_terms and terms != results.pretraining_terms:
@@ -567,7 +568,7 @@ def pretrained_init(run: RowRun, results: RowResults, data_cache: dict) -> Initi
     results.pretraining_terms = results.pretraining_terms or terms
     results.seconds["pretrain"] = time.perf_counter() - started  # one pretraining, however many runs
     run.save(results)
-    return initialisation(run.weights)
+    return pretrained_weights(run)
 
 
 def run_row(
@@ -594,7 +595,7 @@ def run_row(
             results.add_seconds("few-label", time.perf_counter() - started)
             run.save(results)
             print(f"  {cases.dataset.key} {row.key} M={M} draw {d}: {np.nanmean(scores):.3f}", flush=True)
-    if not all(k in results.annotator for k in budget.annotated):
+    if not results.annotator_done(budget):
         started = time.perf_counter()
         results.annotator = annotator_protocol(cases, row, annotator_cases, init, budget, device)
         results.add_seconds("annotator", time.perf_counter() - started)
