@@ -30,16 +30,30 @@ PRETRAIN_STEPS = 8
 SAVE_EVERY = 2
 
 
-def run_until(command: list[str], stage_prefix: str, step: int, signum: int) -> tuple[int, str]:
+def run_until(command: list[str], stage_prefix: str, step: int, signum: signal.Signals) -> tuple[int, str]:
     """Start `command` (with --progress jsonl), send `signum` once it reports `step` of a stage whose
-    name starts with `stage_prefix`; return its exit code and stderr."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    name starts with `stage_prefix`; return its exit code and stderr.
+
+    The child starts with SIGINT at its default, as from a terminal: a test run started in the
+    background by a non-interactive shell (`pytest &`) ignores SIGINT, and children inherit that."""
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     for line in process.stdout:
         event = json.loads(line)
         if event.get("stage", "").startswith(stage_prefix) and event.get("step", 0) >= step:
             process.send_signal(signum)
             break
-    _, error = process.communicate(timeout=120)
+    try:
+        _, error = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()  # do not leave it training in the background
+        process.communicate()
+        pytest.fail(f"{command[3]} was still running 120 s after {signum.name}")
     return process.returncode, error
 
 
