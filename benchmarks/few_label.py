@@ -889,8 +889,8 @@ def report(
     for key, results in all_results.items():
         lines.append(dataset_section(results, budget, rows, plots.get(key), md))
     lines += [
-        "<details><summary>Each row's runs, its time per stage (s, summed over its runs), and its "
-        "pretraining loss terms at the end</summary>",
+        "<details><summary>Each row's runs, its time per stage (s: fine-tuning and scoring summed over its "
+        "runs, pretraining once), and its pretraining loss terms at the end</summary>",
         "",
     ]
     for key, results in all_results.items():
