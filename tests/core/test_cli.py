@@ -3,13 +3,13 @@
 import json
 import pickle
 import signal
-import subprocess
 import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from kaf_process import run_until
 
 from kaf.cli import EXIT_CANCELLED, EXIT_USER_ERROR, main
 from tests.conftest import save_nifti, synthetic_volume
@@ -272,12 +272,7 @@ def test_sigterm_stops_a_running_finetune_and_writes_nothing(synthetic_files, tm
     command = [sys.executable, "-m", "kaf", "finetune", "--image", str(image), "--labels", str(sparse)]
     command += ["--out", str(out), "--steps", "10000", "--batch-size", "2", "--crop-size", "32"]
     command += ["--device", "cpu", "--progress", "jsonl"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if json.loads(line).get("stage") == "finetune":
-            break
-    process.send_signal(signal.SIGTERM)
-    _, error = process.communicate(timeout=60)
-    assert process.returncode == EXIT_CANCELLED
+    code, error = run_until(command, "finetune", 0, signal.SIGTERM, timeout=60)
+    assert code == EXIT_CANCELLED
     assert "stopped" in error and "Traceback" not in error
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))

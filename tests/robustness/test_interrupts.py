@@ -6,7 +6,6 @@ Stop flag, which is read between steps. Both are sent to real `kaf` processes he
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kaf_process import run_until
 from volume_factory import save_nifti, synthetic_volume
 
 from kaf import checkpoints, volume_io
@@ -28,33 +28,6 @@ SIGNALS = [pytest.param(signal.SIGINT, id="SIGINT"), pytest.param(signal.SIGTERM
 KAF = [sys.executable, "-m", "kaf"]
 PRETRAIN_STEPS = 8
 SAVE_EVERY = 2
-
-
-def run_until(command: list[str], stage_prefix: str, step: int, signum: signal.Signals) -> tuple[int, str]:
-    """Start `command` (with --progress jsonl), send `signum` once it reports `step` of a stage whose
-    name starts with `stage_prefix`; return its exit code and stderr.
-
-    The child starts with SIGINT at its default, as from a terminal: a test run started in the
-    background by a non-interactive shell (`pytest &`) ignores SIGINT, and children inherit that."""
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    for line in process.stdout:
-        event = json.loads(line)
-        if event.get("stage", "").startswith(stage_prefix) and event.get("step", 0) >= step:
-            process.send_signal(signum)
-            break
-    try:
-        _, error = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        process.kill()  # do not leave it training in the background
-        process.communicate()
-        pytest.fail(f"{command[3]} was still running 120 s after {signum.name}")
-    return process.returncode, error
 
 
 def leftovers(folder: Path, expected: set[str]) -> set[str]:
