@@ -56,6 +56,7 @@ from scipy.stats import binomtest
 from speed import machine  # benchmarks/ is on the path when this file runs
 
 from kaf.devices import resolve_device
+from kaf.errors import DeviceError
 from kaf.jobs.events import ProgressEvent, drive
 from kaf.jobs.finetune import FinetuneSettings, Initialisation
 from kaf.jobs.multi_finetune import LabelledVolume, multi_finetune
@@ -463,7 +464,10 @@ class RowResults:
 
     few_label: dict[int, list[np.ndarray]] = field(default_factory=dict)  # M -> per draw [volumes, classes]
     annotator: dict[int, list[float]] = field(default_factory=dict)  # k -> per annotated volume
-    seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds, summed over the runs
+    # Fine-tuning and scoring per draw, so that a run reporting fewer draws than were saved counts only its
+    # own; the other stages' seconds (pretraining once, the annotator's protocol) are in `seconds`.
+    draw_seconds: dict[int, list[float]] = field(default_factory=dict)  # M -> per draw
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     runs: list[str] = field(default_factory=list)  # each run that added to it: when, where, which commit
     pretraining_terms: dict[str, float] = field(default_factory=dict)  # TermLog.final; none: random init
 
@@ -480,10 +484,13 @@ class RowResults:
     def first_draws(self, draws: int) -> RowResults:
         """These results as a run with `draws` draws reports them (a run with more may have saved more)."""
         few_label = {M: scores[:draws] for M, scores in self.few_label.items()}
-        return replace(self, few_label=few_label)
+        draw_seconds = {M: seconds[:draws] for M, seconds in self.draw_seconds.items()}
+        return replace(self, few_label=few_label, draw_seconds=draw_seconds)
 
-    def add_seconds(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds per stage: pretraining, fine-tuning and scoring of every draw, the annotator's protocol."""
+        stages = {**self.seconds, "few-label": sum(sum(s) for s in self.draw_seconds.values())}
+        return {stage: stages[stage] for stage in ("pretrain", "few-label", "annotator") if stage in stages}
 
 
 @dataclass
@@ -492,6 +499,10 @@ class DatasetResults:
     rows: dict[str, RowResults]
     copy_baseline: dict[int, list[float]]  # k -> per annotated volume
     draws: dict[int, list[list[str]]]  # M -> labelled volumes of each draw
+    not_run: dict[str, str] = field(default_factory=dict)  # row key -> why the device refused it
+
+    def ran(self, rows: list[Row]) -> list[Row]:
+        return [row for row in rows if row.key in self.rows]
 
 
 def commit() -> str:
@@ -506,6 +517,7 @@ def save_row(path: Path, fingerprint: str, row: RowResults) -> None:
         "fingerprint": fingerprint,
         "few_label": {str(M): [a.tolist() for a in draws] for M, draws in row.few_label.items()},
         "annotator": {str(k): values for k, values in row.annotator.items()},
+        "draw_seconds": {str(M): seconds for M, seconds in row.draw_seconds.items()},
         "seconds": row.seconds,
         "runs": row.runs,
         "pretraining_terms": row.pretraining_terms,
@@ -523,9 +535,13 @@ def load_row(path: Path, fingerprint: str) -> RowResults:
     if record["fingerprint"] != fingerprint:
         print(f"  {path}: from another budget or seed, run again", flush=True)
         return RowResults()
+    if "draw_seconds" not in record:
+        print(f"  {path}: from an earlier version of this benchmark (no draw times), run again", flush=True)
+        return RowResults()
     return RowResults(
         {int(M): [np.array(a, dtype=float) for a in draws] for M, draws in record["few_label"].items()},
         {int(k): values for k, values in record["annotator"].items()},
+        {int(M): seconds for M, seconds in record["draw_seconds"].items()},
         record["seconds"],
         record["runs"],
         record["pretraining_terms"],
@@ -592,13 +608,13 @@ def run_row(
             settings = replace(budget.finetune, steps=steps, seed=d, device=device)
             scores = score_test_set(finetuned_model(cases, volumes, settings, init, config), cases, device)
             results.few_label.setdefault(M, []).append(scores)
-            results.add_seconds("few-label", time.perf_counter() - started)
+            results.draw_seconds.setdefault(M, []).append(time.perf_counter() - started)
             run.save(results)
             print(f"  {cases.dataset.key} {row.key} M={M} draw {d}: {np.nanmean(scores):.3f}", flush=True)
     if not results.annotator_done(budget):
         started = time.perf_counter()
         results.annotator = annotator_protocol(cases, row, annotator_cases, init, budget, device)
-        results.add_seconds("annotator", time.perf_counter() - started)
+        results.seconds["annotator"] = time.perf_counter() - started
     results.runs.append(this_run)
     run.save(results)
     run.weights.unlink(missing_ok=True)  # up to a GB each with the paper preset
@@ -630,7 +646,12 @@ def run_dataset(
         if saved.complete(budget):
             print(f"  {dataset.key} {row.key}: earlier runs' results ({'; '.join(saved.runs)})", flush=True)
         else:
-            saved = run_row(run, saved, draws, annotator_cases, data_cache)
+            try:
+                saved = run_row(run, saved, draws, annotator_cases, data_cache)
+            except DeviceError as refused:  # a step too large for this device: report it, run the others
+                print(f"  {dataset.key} {row.key}: not run: {refused}", flush=True)
+                results.not_run[row.key] = str(refused)
+                continue
         results.rows[row.key] = saved.first_draws(budget.draws)
     return results
 
@@ -679,6 +700,7 @@ def dataset_section(
 ) -> str:
     cases, dataset = results.cases, results.cases.dataset
     test = cases.test_cases()
+    rows = results.ran(rows)
     lines = [
         f"### {dataset.title}",
         "",
@@ -695,6 +717,9 @@ def dataset_section(
     for row in rows:
         cells = [cell(draw_means(results.rows[row.key].few_label[M])) for M in budget.labelled]
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    if results.not_run:
+        lines += ["", "Not run on this machine (each refused before allocating):", ""]
+        lines += [f"- {ALL_ROWS[key].label}: {why}" for key, why in results.not_run.items()]
     lines += paired_with_random_init(results, budget, rows)
     lines += ["", "Per class (mean (std) over draws):", ""]
     lines += ["| method | M | " + " | ".join(dataset.foreground) + " |"]
@@ -861,7 +886,7 @@ def report(
     start, end = budget.markers(list(all_results), variant)
     named = named_datasets(list(all_results))
     every_row = [row for results in all_results.values() for row in results.rows.values()]
-    compute = sum(sum(row.seconds.values()) for row in every_row)
+    compute = sum(sum(row.stage_seconds().values()) for row in every_row)
     lines = [
         start,
         f"## Few-label benchmark, {budget.mode} mode"
@@ -889,13 +914,13 @@ def report(
     for key, results in all_results.items():
         lines.append(dataset_section(results, budget, rows, plots.get(key), md))
     lines += [
-        "<details><summary>Each row's runs, its time per stage (s: fine-tuning and scoring summed over its "
-        "runs, pretraining once), and its pretraining loss terms at the end</summary>",
+        "<details><summary>Each row's runs, its time per stage (s: fine-tuning and scoring summed over the "
+        "draws shown, pretraining once), and its pretraining loss terms at the end</summary>",
         "",
     ]
     for key, results in all_results.items():
         for row, row_results in results.rows.items():
-            stages = "; ".join(f"{name} {value:.0f}" for name, value in row_results.seconds.items())
+            stages = "; ".join(f"{name} {value:.0f}" for name, value in row_results.stage_seconds().items())
             terms = loss_terms(row_results.pretraining_terms)
             ended = f"; pretraining's last tenth of steps: {terms}" if terms else ""
             lines.append(f"- {key} {row} ({'; '.join(row_results.runs)}): {stages}{ended}")
@@ -963,7 +988,8 @@ def main() -> None:
     for key in args.datasets:
         all_results[key] = run_dataset(DATASETS[key], budget, rows, args, work)
         stem = "_".join([budget.file_stem, *slug(variant), key]).replace("-", "_")
-        plots[key] = plot_dataset(all_results[key], budget, rows, plots_dir / f"{stem}.png")
+        ran = all_results[key].ran(rows)
+        plots[key] = plot_dataset(all_results[key], budget, ran, plots_dir / f"{stem}.png")
     md = work / "BENCHMARKS.md"
     markers = budget.markers(args.datasets, variant)
     text = report(all_results, budget, rows, args, plots, args.write or md, variant)

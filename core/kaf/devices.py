@@ -142,10 +142,12 @@ def free_memory_bytes(device: torch.device) -> int:
 def check_memory(device: torch.device, needed_bytes: int, what: str) -> None:
     """Refuse, before allocating, work that would not fit: failing late can leave the GPU in a bad state."""
     free = free_memory_bytes(device)
-    if needed_bytes > free * MEMORY_MARGIN:
+    usable = int(free * MEMORY_MARGIN)
+    if needed_bytes > usable:
         raise DeviceError(
-            f"Not enough memory on {device} for {what}: it needs about {format_bytes(needed_bytes)} but only "
-            f"{format_bytes(free)} is free. {_memory_advice(device)}"
+            f"Not enough memory on {device} for {what}: it needs about {format_bytes(needed_bytes)}, and "
+            f"{format_bytes(usable)} can be used ({MEMORY_MARGIN:.0%} of the {format_bytes(free)} free, "
+            f"the rest left for fragmentation and other programs). {_memory_advice(device)}"
         )
 
 

@@ -327,6 +327,13 @@ def used_length(mask: torch.Tensor) -> int:
     return max(1, int(mask.sum(1).max()))
 
 
+def drop_padding(keypoints: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keypoints [..., N, 2] and mask [..., N] without the slots past `used_length`, which are padding in
+    every row. Padding takes part in nothing, so a model gives the same output on both."""
+    length = used_length(mask.reshape(-1, mask.shape[-1]))
+    return keypoints[..., :length, :], mask[..., :length]
+
+
 def _check_image(image: np.ndarray) -> None:
     if np.ndim(image) != 2 or min(np.shape(image)) < 1:
         raise InputDataError(f"Expected a non-empty 2D slice (H, W), got shape {np.shape(image)}.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,8 +17,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import few_label  # benchmarks/ is not a package
 
+from kaf.errors import DeviceError
+
 BUDGET = replace(few_label.LONG.smoke(), labelled=(1, 2), draws=2)
 ROW = few_label.Row("unet", None)
+FINETUNE_SECONDS = 10.0
 
 
 class Interrupted(Exception):
@@ -26,17 +30,21 @@ class Interrupted(Exception):
 
 @pytest.fixture
 def fake_training(monkeypatch):
-    """Fine-tuning returns the seed (the draw) it was given, scoring turns it into a Dice array; a list
-    records the (M, draw) of each fine-tune, and `stop_at` interrupts the run at that fine-tune."""
+    """Fine-tuning returns the seed (the draw) it was given and takes FINETUNE_SECONDS of the benchmark's
+    clock, scoring turns it into a Dice array; a list records the (M, draw) of each fine-tune, and `stop_at`
+    interrupts the run at that fine-tune."""
     ran: list[tuple[int, int]] = []
-    state = SimpleNamespace(ran=ran, stop_at=None)
+    state = SimpleNamespace(ran=ran, stop_at=None, clock=0.0)
 
     def finetuned_model(cases, volumes, settings, init, config):
         if len(ran) == state.stop_at:
             raise Interrupted
         ran.append((len(volumes), settings.seed))
+        state.clock += FINETUNE_SECONDS
         return (len(volumes), settings.seed)
 
+    clock = SimpleNamespace(perf_counter=lambda: state.clock, strftime=time.strftime)
+    monkeypatch.setattr(few_label, "time", clock)
     monkeypatch.setattr(few_label, "finetuned_model", finetuned_model)
     monkeypatch.setattr(
         few_label, "score_test_set", lambda model, cases, device: np.array([[model[0] + model[1] / 10]])
@@ -99,3 +107,39 @@ def test_results_of_another_protocol_are_not_reused(tmp_path, fake_training):
     other = replace(BUDGET, annotator_steps=BUDGET.annotator_steps + 1)
     row = row_run(tmp_path, other)
     assert few_label.load_row(row.path, row.fingerprint).few_label == {}
+
+
+def test_a_run_reporting_fewer_draws_than_saved_counts_only_their_time(tmp_path, fake_training):
+    run(tmp_path, replace(BUDGET, draws=3))
+    row = row_run(tmp_path, BUDGET)
+    saved = few_label.load_row(row.path, row.fingerprint)
+    assert saved.stage_seconds()["few-label"] == 3 * len(BUDGET.labelled) * FINETUNE_SECONDS
+    reported = saved.first_draws(2).stage_seconds()
+    assert reported["few-label"] == 2 * len(BUDGET.labelled) * FINETUNE_SECONDS
+    assert list(reported) == ["few-label", "annotator"]  # random init: no pretraining
+
+
+def test_a_row_the_device_refuses_is_reported_and_the_others_still_run(tmp_path, fake_training, monkeypatch):
+    dataset = few_label.DATASETS["hippocampus"]
+    cases = few_label.Cases(dataset, {}, [], [], 0, few_label.preset_config(BUDGET.preset))
+    cases.by_patient = {f"p{i}": [f"case{i}"] for i in range(4)}
+    cases.pool = list(cases.by_patient)
+    for name in [f"case{i}" for i in range(4)]:
+        cases.prepared[name] = SimpleNamespace(prepared=SimpleNamespace(slice_count=10))
+    monkeypatch.setattr(few_label, "budget_cases", lambda *a: cases)
+    refusal = "Not enough memory on cuda:0 for pretraining on 240 views of 32 x 32 per step"
+
+    def pretrained_init(run, results, data_cache):
+        raise DeviceError(refusal)
+
+    monkeypatch.setattr(few_label, "pretrained_init", pretrained_init)
+    args = argparse.Namespace(device="cpu", threads=2, seed=0, fresh=False)
+    rows = [ROW, few_label.ALL_ROWS["kaf+gcl"], few_label.ALL_ROWS["kaf"]]
+
+    results = few_label.run_dataset(dataset, BUDGET, rows, args, tmp_path)
+
+    assert [row.key for row in results.ran(rows)] == ["unet", "kaf"]
+    assert results.not_run == {"kaf+gcl": refusal}
+    section = few_label.dataset_section(results, BUDGET, rows, None, tmp_path / "BENCHMARKS.md")
+    assert f"- {few_label.ALL_ROWS['kaf+gcl'].label}: {refusal}" in section
+    assert "| KAF + GCL |" not in section

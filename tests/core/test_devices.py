@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,7 +172,9 @@ def test_check_memory_refuses_an_absurd_request_with_both_sizes() -> None:
 
     message = str(caught.value)
     assert re.search(
-        r"predicting: it needs about 1,073,741,824\.0 GB but only [\d,.]+ [MG]B is free", message
+        r"predicting: it needs about 1,073,741,824\.0 GB, and [\d,.]+ [MG]B can be used "
+        r"\(90% of the [\d,.]+ [MG]B free",
+        message,
     )
     assert "smaller batch size" in message
 
@@ -188,6 +192,20 @@ def test_cpu_memory_falls_back_to_sysconf_without_proc_meminfo(monkeypatch: pyte
     assert free_memory_bytes(CPU) == 4_096_000
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_memory_this_process_freed_counts_as_available() -> None:
+    """glibc keeps freed heap blocks for reuse, and MemAvailable counts them as used: a second training
+    run in one process was refused for memory the first had freed. Holes of 100 KB blocks (below glibc's
+    mmap threshold, so on the heap) stay resident until available_ram_bytes hands them back."""
+    blocks = [np.ones(100_000 // 8) for _ in range(2000)]
+    del blocks[::2]  # 100 MB of holes between blocks still in use
+    holding = host_memory.resident_bytes()
+
+    host_memory.available_ram_bytes()
+
+    assert holding - host_memory.resident_bytes() > 50 * 2**20
+
+
 def test_cpu_memory_is_unlimited_when_the_system_does_not_say(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(devices, "available_ram_bytes", lambda: None)
 
@@ -198,7 +216,9 @@ def test_cpu_memory_is_unlimited_when_the_system_does_not_say(monkeypatch: pytes
 def test_cuda_free_memory_counts_what_pytorch_has_cached() -> None:
     assert free_memory_bytes(CUDA) == 2 * GIB + GIB // 2
     check_memory(CUDA, 2 * GIB, "fine-tuning")
-    with pytest.raises(DeviceError, match=r"needs about 2\.3 GB but only 2\.5 GB is free\. .*the CPU"):
+    # More than the 90 % of the free memory that may be used, though less than all of it: the message says so.
+    refusal = r"needs about 2\.3 GB, and 2\.2 GB can be used \(90% of the 2\.5 GB free, .*the CPU"
+    with pytest.raises(DeviceError, match=refusal):
         check_memory(CUDA, int(2.3 * GIB), "fine-tuning")
 
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kaf.errors import KafError
+from kaf.keypoints import drop_padding
 from kaf.models import KafUNet
 from kaf.ssl.base import Communicator, OptimiserSettings, PretrainMethod
 from kaf.ssl.data import PretrainData, UnlabeledVolume
@@ -137,7 +138,10 @@ class DensePretraining(PretrainMethod):
     def make_batch(
         self, data: PretrainData, generators: Sequence[torch.Generator], stage: str, with_keypoints: bool
     ) -> DensePairs:
-        return DensePairs.stack([self.make_item(data, g, with_keypoints) for g in generators])
+        batch = DensePairs.stack([self.make_item(data, g, with_keypoints) for g in generators])
+        if with_keypoints:
+            batch.keypoints, batch.keypoint_mask = drop_padding(batch.keypoints, batch.keypoint_mask)
+        return batch
 
     def make_item(self, data: PretrainData, generator: torch.Generator, with_keypoints: bool) -> DensePairs:
         """Two shifted, locally augmented crops of one slice and their pixel pairs (module doc)."""

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kaf.errors import KafError
+from kaf.keypoints import drop_padding
 from kaf.models import KafOutput, KafUNet
 from kaf.ssl.base import Communicator, OptimiserSettings, PretrainMethod
 from kaf.ssl.data import PretrainData, UnlabeledVolume
@@ -394,7 +395,8 @@ class GclPretraining(PretrainMethod):
             partitions=torch.tensor([slot.partition for slot in slots]),
         )
         if with_keypoints:
-            batch.keypoints, batch.keypoint_mask = stacked("keypoints"), stacked("keypoint_mask")
+            keypoints, mask = stacked("keypoints"), stacked("keypoint_mask")
+            batch.keypoints, batch.keypoint_mask = drop_padding(keypoints, mask)
         return batch
 
     def loss(

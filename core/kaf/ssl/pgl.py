@@ -35,6 +35,7 @@ from torch import nn
 
 from kaf.checkpoints import in_groups
 from kaf.errors import KafError
+from kaf.keypoints import drop_padding
 from kaf.models import KafUNet
 from kaf.models.unet import SIDE_MULTIPLE
 from kaf.ssl.base import Communicator, OptimiserSettings, PretrainMethod
@@ -327,6 +328,10 @@ class PglPretraining(PretrainMethod):
     ) -> PglBatch:
         items = [self._item(data, generator, with_keypoints) for generator in generators]
         stacked = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+        if with_keypoints:
+            stacked["keypoints"], stacked["keypoint_mask"] = drop_padding(
+                stacked["keypoints"], stacked["keypoint_mask"]
+            )
         return PglBatch(**stacked)
 
     def _item(
