@@ -33,7 +33,7 @@ from kaf.jobs.finetune import (
     train_on_pool,
 )
 from kaf.jobs.finetune import model_config as preset_model_config
-from kaf.keypoints import used_length
+from kaf.keypoints import drop_padding
 from kaf.models import ModelConfig, preset_config
 from kaf.preparation import PreparedVolume
 
@@ -99,8 +99,7 @@ def pool_slices(volumes: Sequence[LabelledVolume]) -> SlicePool:
     images, labels, keypoints, mask = (
         torch.cat([getattr(p, f.name) for p in padded]) for f in fields(SlicePool)
     )
-    length = used_length(mask)
-    return SlicePool(images, labels, keypoints[:, :length], mask[:, :length])
+    return SlicePool(images, labels, *drop_padding(keypoints, mask))
 
 
 def multi_finetune(
