@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kaf.models.kaf_layer import normalise_positions
+
 
 @dataclass(frozen=True)
 class AugmentationSettings:
@@ -24,6 +26,9 @@ class AugmentationSettings:
     contrast_range: tuple[float, float] = (0.85, 1.15)
     brightness: float = 0.1
     noise_std: float = 0.05
+    # Each keypoint is left out with this probability (a crop keeps at least one): a few annotated slices
+    # otherwise show the KAF layers only their own fixed keypoint sets.
+    keypoint_dropout: float = 0.0
 
 
 @dataclass
@@ -32,6 +37,8 @@ class AugmentedBatch:
     labels: torch.Tensor  # [B, h, w] int64
     keypoints: torch.Tensor  # [B, N, 2] int64 (row, col) in the crop
     keypoint_mask: torch.Tensor  # [B, N] bool
+    # [B, 2, N] normalised (x, y) of each keypoint in its un-augmented slice, as inference encodes them
+    slice_positions: torch.Tensor
 
 
 def _uniform(generator: torch.Generator, low: float, high: float, count: int) -> torch.Tensor:
@@ -107,6 +114,16 @@ def move_keypoints(
     return rowcol, inside
 
 
+def drop_keypoints(mask: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Leaves each valid keypoint out with `probability`; a sample that would lose all keeps its mask."""
+    if probability <= 0:
+        return mask
+    kept = mask & (torch.rand(mask.shape, generator=generator) >= probability)
+    empty = ~kept.any(-1)
+    kept[empty] = mask[empty]
+    return kept
+
+
 def augment_batch(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -129,6 +146,11 @@ def augment_batch(
     brightness = _uniform(generator, -settings.brightness, settings.brightness, batch).view(-1, 1, 1, 1)
     noise = settings.noise_std * torch.randn(warped.shape, generator=generator)
     moved, moved_mask = move_keypoints(keypoints, keypoint_mask, matrices, centres, crop_size)
+    moved_mask = drop_keypoints(moved_mask, settings.keypoint_dropout, generator)
     return AugmentedBatch(
-        warped * contrast + brightness + noise, warped_labels[:, 0].long(), moved, moved_mask
+        warped * contrast + brightness + noise,
+        warped_labels[:, 0].long(),
+        moved,
+        moved_mask,
+        normalise_positions(keypoints, *in_size),
     )

@@ -52,6 +52,9 @@ class FinetuneSettings:
     seed: int = 0
     device: str = "auto"
     augmentation: AugmentationSettings = field(default_factory=AugmentationSettings)
+    # True: KAF layers encode each keypoint's place in its un-augmented slice, as at inference, rather than
+    # its place in the augmented crop.
+    slice_frame_positions: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "crop_size"):
@@ -187,8 +190,12 @@ def train_on_pool(
             )
         try:
             with autocast(device):
+                positions = batch.slice_positions.to(device) if settings.slice_frame_positions else None
                 logits = model(
-                    batch.images.to(device), batch.keypoints.to(device), batch.keypoint_mask.to(device)
+                    batch.images.to(device),
+                    batch.keypoints.to(device),
+                    batch.keypoint_mask.to(device),
+                    keypoint_positions=positions,
                 ).logits
                 loss = loss_function(logits.float(), batch.labels[:, None].to(device))
             optimiser.zero_grad(set_to_none=True)

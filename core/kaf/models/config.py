@@ -25,6 +25,9 @@ class ModelConfig:
     # zeros (with kaf_levels=() this is the paper's UNet(c2): 27,911,328 parameters at f=32, 8 classes).
     # "plain": levels output C channels and carry no KAF layer: the paper's UNet(c1).
     layout: str = "kaf"
+    # True: every KAF layer's output is scaled by a learnable per-channel gate that starts at zero, so a
+    # new model computes exactly the UNet(c2) and learns how much keypoint attention to add (LayerScale).
+    fusion_starts_at_zero: bool = False
     in_channels: int = 1
     classes: int = 2
     max_keypoints: int = 128

@@ -163,8 +163,10 @@ class KafLayerOutput:
 
 
 class KafLayer(nn.Module):
-    def __init__(self, channels: int, token_dim: int, heads: int, blocks: int) -> None:
+    def __init__(self, channels: int, token_dim: int, heads: int, blocks: int, gated: bool = False) -> None:
         super().__init__()
+        # gated: the diffused keypoint features are scaled per channel by a learnable gate starting at 0
+        self.gate = nn.Parameter(torch.zeros(channels)) if gated else None
         self.project = nn.Conv1d(channels, token_dim, 1)
         self.keypoint_encoder = KeypointEncoder(token_dim)
         self.blocks = nn.ModuleList(AttentionBlock(token_dim, heads) for _ in range(blocks))
@@ -173,12 +175,22 @@ class KafLayer(nn.Module):
         self.diffuse_out = nn.Conv2d(DIFFUSION_WIDTH, channels, 3, padding=1)
 
     def encode_tokens(
-        self, features: torch.Tensor, keypoints: torch.Tensor, mask: torch.Tensor, need_weights: bool = False
+        self,
+        features: torch.Tensor,
+        keypoints: torch.Tensor,
+        mask: torch.Tensor,
+        need_weights: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Steps 1-4: sample, project, add the positional encoding, run the attention stack."""
+        """Steps 1-4: sample, project, add the positional encoding, run the attention stack.
+
+        `positions` [B, 2, N] are the normalised (x, y) the encoder sees; None: the keypoints' own, in
+        this map's frame."""
         height, width = features.shape[-2:]
+        if positions is None:
+            positions = normalise_positions(keypoints, height, width)
         tokens = self.project(gather_at_keypoints(features, keypoints))
-        tokens = tokens + self.keypoint_encoder(normalise_positions(keypoints, height, width), mask)
+        tokens = tokens + self.keypoint_encoder(positions, mask)
         weights = None
         for index, block in enumerate(self.blocks):
             last = index == len(self.blocks) - 1
@@ -186,10 +198,17 @@ class KafLayer(nn.Module):
         return tokens, weights
 
     def forward(
-        self, features: torch.Tensor, keypoints: torch.Tensor, mask: torch.Tensor, need_weights: bool = False
+        self,
+        features: torch.Tensor,
+        keypoints: torch.Tensor,
+        mask: torch.Tensor,
+        need_weights: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> KafLayerOutput:
         height, width = features.shape[-2:]
-        tokens, weights = self.encode_tokens(features, keypoints, mask, need_weights)
+        tokens, weights = self.encode_tokens(features, keypoints, mask, need_weights, positions)
         diffused = conv3x3_of_scatter(self.diffuse_in, tokens, keypoints, mask, height, width)
         diffused = self.diffuse_out(torch.relu(self.diffuse_norm(diffused)))
+        if self.gate is not None:
+            diffused = diffused * self.gate.view(1, -1, 1, 1).to(diffused.dtype)
         return KafLayerOutput(torch.cat([features, diffused], dim=1), tokens, weights)

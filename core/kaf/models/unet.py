@@ -36,7 +36,13 @@ class EncoderLevel(nn.Module):
         self.convs = double_conv(in_channels, channels)
         self.kaf = None
         if level in config.kaf_levels:
-            self.kaf = KafLayer(channels, config.token_dim, config.attention_heads, config.attention_blocks)
+            self.kaf = KafLayer(
+                channels,
+                config.token_dim,
+                config.attention_heads,
+                config.attention_blocks,
+                gated=config.fusion_starts_at_zero,
+            )
         self.pads_half = self.kaf is None and config.layout == "kaf"
         self.out_channels = channels if config.layout == "plain" else 2 * channels
 
@@ -89,10 +95,13 @@ class KafUNet(nn.Module):
         keypoint_mask: torch.Tensor | None = None,
         return_attention: bool = False,
         decode_until: int | None = None,
+        keypoint_positions: torch.Tensor | None = None,
     ) -> KafOutput:
         """image [B, 1, H, W] with H, W multiples of 16; keypoints [B, N, 2] (row, col) at full resolution.
 
         `decode_until` = l stops after l decoder blocks (GCL's local stage); the logits are then None.
+        `keypoint_positions` [B, 2, N]: the normalised (x, y) every KAF layer encodes, when they are not
+        the keypoints' places in this image (an augmented crop's keypoints keep their slice positions).
         """
         if image.shape[-1] % SIDE_MULTIPLE or image.shape[-2] % SIDE_MULTIPLE:
             raise InputDataError(
@@ -107,7 +116,9 @@ class KafUNet(nn.Module):
                 x = self.pool(x)
             x = level.convs(x)
             if level.kaf is not None:
-                fused = level.kaf(x, keypoints // 2**index, keypoint_mask, return_attention)
+                fused = level.kaf(
+                    x, keypoints // 2**index, keypoint_mask, return_attention, keypoint_positions
+                )
                 x = fused.features
                 output.tokens[index + 1] = fused.tokens
                 if fused.attention is not None:

@@ -1,0 +1,144 @@
+"""Why the KAF backbone trails the plain UNet (not a test): the same fine-tuning, one model change at a time.
+
+The annotator's protocol (benchmarks/annotator.py) with the product's fine-tuning from random init, k
+annotated slices per volume, on held-out volumes of ACDC and MSD hippocampus, for each backbone variant
+side by side: the plain UNet(c1), the KAF layout without KAF layers (UNet(c2)), the KAF model, and the
+KAF model with its fusion starting at zero. Each (volume, seed) runs every variant, so the differences are
+paired. Prints one JSON line per run, then a paired summary against the first variant named.
+
+    python benchmarks/kaf_backbone.py --dataset acdc --variants unet-c2 kaf kaf-gate > acdc.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from annotator import annotator_run  # benchmarks/ is on the path when this file runs
+from scipy.stats import binomtest
+from speed import machine
+
+from kaf.jobs.finetune import FinetuneSettings
+from kaf.models import PRESETS, ModelConfig
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The few-label benchmark's test patients (seed 0), so that no case here was used to choose a default.
+CASES = {
+    "acdc": [f"patient{n:03d}_frame0{f}" for f in (1, 2) for n in (8, 13, 24, 68, 81, 93)],
+    "hippocampus": [f"hippocampus_{n:03d}" for n in (14, 138, 184, 222, 325, 334)],
+}
+FOLDERS = {"acdc": "acdc", "hippocampus": "msd_hippocampus"}
+Variant = tuple[Callable[[ModelConfig], ModelConfig], Callable[[FinetuneSettings], FinetuneSettings]]
+
+
+def same(value):
+    return value
+
+
+def gated_fusion(config: ModelConfig) -> ModelConfig:
+    return replace(config, fusion_starts_at_zero=True)
+
+
+def slice_positions(settings: FinetuneSettings) -> FinetuneSettings:
+    return replace(settings, slice_frame_positions=True)
+
+
+def keypoint_dropout(settings: FinetuneSettings) -> FinetuneSettings:
+    return replace(settings, augmentation=replace(settings.augmentation, keypoint_dropout=0.5))
+
+
+VARIANTS: dict[str, Variant] = {
+    "unet-c1": (ModelConfig.plain_unet, same),
+    "unet-c2": (ModelConfig.without_kaf, same),
+    "kaf": (same, same),
+    "kaf-gate": (gated_fusion, same),
+    "kaf-slicepos": (same, slice_positions),
+    "kaf-gate-slicepos": (gated_fusion, slice_positions),
+    "kaf-dropout": (same, keypoint_dropout),
+    "kaf-gate-dropout": (gated_fusion, keypoint_dropout),
+    "kaf-levels-234": (lambda config: replace(config, kaf_levels=(2, 3, 4)), same),
+}
+
+
+def run(dataset: str, case: str, variant: str, slices: int, settings: FinetuneSettings) -> dict:
+    base = PRESETS["interactive"]
+    # Fine-tuning builds the model of the preset it is given by name; the variant stands in for it.
+    change_config, change_settings = VARIANTS[variant]
+    preset = replace(base, config=change_config(base.config))
+    folder = DATA / FOLDERS[dataset]
+    with mock.patch.dict(PRESETS, {"interactive": preset}):
+        result = annotator_run(
+            folder / "images" / f"{case}.nii.gz",
+            folder / "labels" / f"{case}.nii.gz",
+            slices,
+            None,
+            change_settings(settings),
+        )
+    return {
+        "dataset": dataset,
+        "case": case,
+        "seed": settings.seed,
+        "variant": variant,
+        "k": slices,
+        "dice": round(result.dice, 4),
+        "copy": round(result.copy, 4),
+        "seconds": round(result.seconds, 1),
+    }
+
+
+def summary(lines: list[dict], variants: list[str]) -> str:
+    """Mean Dice per variant and each variant paired with the first, run by run."""
+    by_run: dict[tuple, dict[str, float]] = {}
+    for line in lines:
+        by_run.setdefault((line["case"], line["seed"]), {})[line["variant"]] = line["dice"]
+    complete = [scores for scores in by_run.values() if all(v in scores for v in variants)]
+    reference = variants[0]
+    rows = [f"| variant | mean Dice ({len(complete)} runs) | higher than {reference} | mean difference | p |"]
+    rows.append("|---|---|---|---|---|")
+    for variant in variants:
+        dice = np.array([scores[variant] for scores in complete])
+        if variant == reference:
+            rows.append(f"| {variant} | {dice.mean():.3f} | | | |")
+            continue
+        difference = dice - np.array([scores[reference] for scores in complete])
+        higher = int((difference > 0).sum())
+        p = binomtest(higher, int((difference != 0).sum()) or 1).pvalue
+        counts = f"{higher} of {len(complete)}"
+        rows.append(f"| {variant} | {dice.mean():.3f} | {counts} | {difference.mean():+.3f} | {p:.3f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", choices=list(CASES), default="acdc")
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=["unet-c2", "kaf", "kaf-gate"]
+    )
+    parser.add_argument("--slices", type=int, default=2, help="annotated slices per volume (k)")
+    parser.add_argument("--cases", type=int, default=None, help="only the first N cases")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first N cases")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--steps", type=int, default=FinetuneSettings.steps)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# {machine()}; {' '.join(sys.argv)}", file=sys.stderr)
+    lines = []
+    for seed in args.seeds:
+        settings = FinetuneSettings(device="cpu", seed=seed, steps=args.steps)
+        for case in CASES[args.dataset][args.skip : args.cases]:
+            for variant in args.variants:
+                lines.append(run(args.dataset, case, variant, args.slices, settings))
+                print(json.dumps(lines[-1]), flush=True)
+    print(summary(lines, args.variants), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
