@@ -1,0 +1,45 @@
+"""The backbone switches measured in benchmarks/kaf_backbone.py (issue #20)."""
+
+from dataclasses import replace
+
+import torch
+
+from kaf.augment import AugmentationSettings, augment_batch, drop_keypoints
+from kaf.models import KafUNet, preset_config
+from kaf.models.kaf_layer import normalise_positions
+
+
+def test_gated_fusion_starting_at_zero_computes_the_unet_c2() -> None:
+    config = preset_config("interactive", classes=3)
+    gated = KafUNet(replace(config, fusion_starts_at_zero=True)).eval()
+    plain = KafUNet(config.without_kaf()).eval()
+    report = gated.load_state_dict(plain.state_dict(), strict=False)
+    assert not report.unexpected_keys
+    image = torch.randn(2, 1, 64, 64)
+    keypoints = torch.randint(0, 64, (2, 10, 2))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    assert torch.equal(gated(image, keypoints, mask).logits, plain(image).logits)
+    gated.train()
+    gated(image, keypoints, mask).logits.sum().backward()
+    gates = [level.kaf.gate for level in gated.encoder]
+    assert all(gate.grad is not None and gate.grad.abs().sum() > 0 for gate in gates)
+
+
+def test_keypoint_dropout_drops_only_valid_points_and_keeps_one() -> None:
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    for _ in range(50):
+        kept = drop_keypoints(mask, 0.9, generator)
+        assert not (kept & ~mask).any()
+        assert kept.any(-1).all()
+    assert torch.equal(drop_keypoints(mask, 0.0, generator), mask)
+
+
+def test_slice_positions_are_the_unaugmented_keypoints_positions() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 1, 32, 48)
+    labels = torch.zeros(2, 32, 48, dtype=torch.int64)
+    keypoints = torch.tensor([[[3, 5], [20, 40]], [[10, 10], [31, 47]]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    batch = augment_batch(images, labels, keypoints, mask, (16, 16), AugmentationSettings(), generator)
+    assert torch.equal(batch.slice_positions, normalise_positions(keypoints, 32, 48))
