@@ -54,6 +54,14 @@ def keypoint_dropout(settings: FinetuneSettings) -> FinetuneSettings:
     return replace(settings, augmentation=replace(settings.augmentation, keypoint_dropout=0.5))
 
 
+def kaf_rate_tenth(settings: FinetuneSettings) -> FinetuneSettings:
+    return replace(settings, kaf_learning_rate_scale=0.1)
+
+
+def coarse_levels(config: ModelConfig) -> ModelConfig:
+    return replace(config, kaf_levels=(3, 4))
+
+
 VARIANTS: dict[str, Variant] = {
     "unet-c1": (ModelConfig.plain_unet, same),
     "unet-c2": (ModelConfig.without_kaf, same),
@@ -64,6 +72,12 @@ VARIANTS: dict[str, Variant] = {
     "kaf-dropout": (same, keypoint_dropout),
     "kaf-gate-dropout": (gated_fusion, keypoint_dropout),
     "kaf-levels-234": (lambda config: replace(config, kaf_levels=(2, 3, 4)), same),
+    "kaf-levels-34": (coarse_levels, same),
+    "kaf-gate-levels-34": (lambda config: gated_fusion(coarse_levels(config)), same),
+    "kaf-gate-lr-tenth": (gated_fusion, kaf_rate_tenth),
+    "kaf-lr-tenth": (same, kaf_rate_tenth),
+    "kaf-gate-levels-34-lr-tenth": (lambda config: gated_fusion(coarse_levels(config)), kaf_rate_tenth),
+    "kaf-gate-level-4": (lambda config: gated_fusion(replace(config, kaf_levels=(4,))), same),
 }
 
 

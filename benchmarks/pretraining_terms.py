@@ -5,12 +5,17 @@ with the long few-label mode's split, pool, views and preset, but with the batch
 steps given here, and prints every term every so many steps, so that a setting can be looked at
 without running the row's whole benchmark (fine-tuning and scoring).
 
-    python benchmarks/pretraining_terms.py --dataset acdc --row kaf+kaf --batch 32 --steps 240
+    python benchmarks/pretraining_terms.py --dataset acdc --row kaf+kaf --batch 32 --steps 240 \
+        --optimiser adam --lr 1e-3 --jsonl kaf_adam.jsonl
+
+`--jsonl` writes every printed row as one JSON object; benchmarks/plot_terms.py plots such files.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 import sys
 import tempfile
@@ -45,6 +50,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=LONG.pretrain_steps, help="per stage")
     parser.add_argument("--batch", type=int, help="items per step (default: the long mode's)")
     parser.add_argument("--lr", type=float, help="learning rate (default: the long mode's)")
+    parser.add_argument("--optimiser", choices=["sgd", "adam"], help="default: the method's")
+    parser.add_argument("--jsonl", type=Path, help="also write every printed row here as JSON lines")
     parser.add_argument("--every", type=int, help="print every N steps (default: steps / 20)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -59,30 +66,33 @@ def main() -> None:
         steps=args.steps,
         batch_size=args.batch or settings.batch_size,
         learning_rate=args.lr or settings.learning_rate,
+        optimiser=args.optimiser,
     )
     every = args.every or max(1, args.steps // 20)
     print(f"Command: `{shlex.join(['python', *sys.argv])}`; {machine()}, {args.threads} threads")
     print(
         f"{dataset.key} pool of {len(cases.pool)} patients; {row.key}: {settings.steps} steps per stage, "
         f"batch {settings.batch_size or 'the method default'}, "
-        f"learning rate {settings.learning_rate or 'the method default'}",
+        f"learning rate {settings.learning_rate or 'the method default'}, "
+        f"optimiser {settings.optimiser or 'the method default'}",
         flush=True,
     )
-    started = time.perf_counter()
+    run_name = f"{args.row}, optimiser {args.optimiser or 'default'}, lr {args.lr or 'default'}"
+    with open(args.jsonl or os.devnull, "w") as rows, tempfile.TemporaryDirectory() as work:
+        started = time.perf_counter()
 
-    def show(event: ProgressEvent) -> None:
-        if event.terms and not event.message and (event.step % every == 0 or event.step == event.total):
-            seconds = time.perf_counter() - started
-            terms = loss_terms(event.terms)
-            print(f"{event.stage} {event.step} loss {event.loss:.3f} ({terms}) {seconds:.0f} s", flush=True)
+        def show(event: ProgressEvent) -> None:
+            if event.terms and not event.message and (event.step % every == 0 or event.step == event.total):
+                seconds = time.perf_counter() - started
+                terms = loss_terms(event.terms)
+                print(f"{event.stage} {event.step} loss {event.loss:.3f} ({terms}) {seconds:.0f} s")
+                row = {"run": run_name, "stage": event.stage, "step": event.step, "loss": event.loss}
+                rows.write(json.dumps({**row, "terms": event.terms, "seconds": round(seconds, 1)}) + "\n")
+                rows.flush()
+                sys.stdout.flush()
 
-    with tempfile.TemporaryDirectory() as work:
-        drive(
-            pretrain(
-                pool_pretrain_data(cases, dataset.view_size), settings, Path(work) / "weights.safetensors"
-            ),
-            show,
-        )
+        data = pool_pretrain_data(cases, dataset.view_size)
+        drive(pretrain(data, settings, Path(work) / "weights.safetensors"), show)
 
 
 if __name__ == "__main__":

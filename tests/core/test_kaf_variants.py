@@ -2,9 +2,12 @@
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from kaf.augment import AugmentationSettings, augment_batch, drop_keypoints
+from kaf.errors import InputDataError
+from kaf.jobs.finetune import FinetuneSettings, parameter_groups_by_rate
 from kaf.models import KafUNet, preset_config
 from kaf.models.kaf_layer import normalise_positions
 
@@ -43,3 +46,19 @@ def test_slice_positions_are_the_unaugmented_keypoints_positions() -> None:
     mask = torch.ones(2, 2, dtype=torch.bool)
     batch = augment_batch(images, labels, keypoints, mask, (16, 16), AugmentationSettings(), generator)
     assert torch.equal(batch.slice_positions, normalise_positions(keypoints, 32, 48))
+
+
+def test_kaf_learning_rate_scale_puts_exactly_the_kaf_layers_in_a_scaled_group() -> None:
+    model = KafUNet(preset_config("interactive", classes=2))
+    rest, kaf = parameter_groups_by_rate(model, 0.1)
+    kaf_layer_ids = {
+        id(p) for level in model.encoder if level.kaf is not None for p in level.kaf.parameters()
+    }
+    assert {id(p) for p in kaf["params"]} == kaf_layer_ids
+    assert len(rest["params"]) + len(kaf["params"]) == len(list(model.parameters()))
+    assert (rest["rate_scale"], kaf["rate_scale"]) == (1.0, 0.1)
+
+
+def test_kaf_learning_rate_scale_must_be_positive() -> None:
+    with pytest.raises(InputDataError, match="learning-rate scale"):
+        FinetuneSettings(kaf_learning_rate_scale=0.0)

@@ -28,6 +28,7 @@ from kaf.jobs.pretrain import (
     make_optimiser,
     pretrain,
     read_resume_point,
+    with_resume_defaults,
 )
 from kaf.keypoints import KeypointConfig
 from kaf.models import KafUNet
@@ -65,6 +66,18 @@ def test_checkpoint_holds_backbone_heads_optimiser_and_progress(tmp_path):
     assert any(name.startswith("ssl_heads.matcher.") for name in state)
     assert any(name.startswith("optimiser.") and name.endswith(".momentum_buffer") for name in state)
     assert set(result.last_terms) == {"L_PCL", "L_global", "L_local"}
+
+
+def test_optimiser_setting_replaces_the_methods_and_a_resume_keeps_it(tmp_path):
+    out = tmp_path / "kaf.safetensors"
+    _run(_data(), _settings(optimiser="adam", steps=2), out)
+    state, _ = load_checkpoint(out)
+    assert any(name.startswith("optimiser.") and name.endswith(".exp_avg") for name in state)
+    assert not any(name.endswith(".momentum_buffer") for name in state)
+    resume = read_resume_point(out, "kaf", TINY)
+    assert with_resume_defaults(_settings(steps=4, optimiser=None), resume).optimiser == "adam"
+    with pytest.raises(InputDataError, match="optimiser"):
+        _settings(optimiser="rmsprop")
 
 
 def test_resume_continues_exactly(tmp_path):

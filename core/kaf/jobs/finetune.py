@@ -55,6 +55,8 @@ class FinetuneSettings:
     # True: KAF layers encode each keypoint's place in its un-augmented slice, as at inference, rather than
     # its place in the augmented crop.
     slice_frame_positions: bool = False
+    # The KAF layers' learning rate as a multiple of the rest of the model's (1 = one rate for all).
+    kaf_learning_rate_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "crop_size"):
@@ -62,6 +64,10 @@ class FinetuneSettings:
                 raise InputDataError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.crop_size % 16:
             raise InputDataError(f"crop_size must be a multiple of 16, got {self.crop_size}")
+        if not 0 < self.kaf_learning_rate_scale <= 100:
+            raise InputDataError(
+                f"the KAF layers' learning-rate scale must be in (0, 100], got {self.kaf_learning_rate_scale}"
+            )
         if self.time_budget is not None and self.time_budget <= 0:
             raise InputDataError(f"the time budget must be positive, got {self.time_budget} s")
 
@@ -144,6 +150,14 @@ def annotated_pool(prepared: PreparedVolume, annotation: SparseAnnotation) -> Sl
     return labelled_slices(prepared, annotation.labels, annotation.slice_axis, list(annotation.annotated))
 
 
+def parameter_groups_by_rate(model: KafUNet, kaf_scale: float) -> list[dict]:
+    """The KAF layers' parameters and the rest as two optimiser groups, each with its learning-rate scale."""
+    kaf = [p for name, p in model.named_parameters() if ".kaf." in f".{name}"]
+    kaf_ids = {id(p) for p in kaf}
+    rest = [p for p in model.parameters() if id(p) not in kaf_ids]
+    return [{"params": rest, "rate_scale": 1.0}, {"params": kaf, "rate_scale": kaf_scale}]
+
+
 def train_on_pool(
     model: KafUNet,
     pool: SlicePool,
@@ -163,7 +177,7 @@ def train_on_pool(
     )
     model.to(device).train()
     optimiser = torch.optim.Adam(
-        model.parameters(),
+        parameter_groups_by_rate(model, settings.kaf_learning_rate_scale),
         lr=settings.learning_rate,
         weight_decay=settings.weight_decay,
     )
@@ -184,10 +198,11 @@ def train_on_pool(
             settings.augmentation,
             generator,
         )
+        rate = cosine_learning_rate(
+            step - 1, settings.steps, settings.learning_rate, settings.final_learning_rate
+        )
         for group in optimiser.param_groups:
-            group["lr"] = cosine_learning_rate(
-                step - 1, settings.steps, settings.learning_rate, settings.final_learning_rate
-            )
+            group["lr"] = rate * group["rate_scale"]
         try:
             with autocast(device):
                 positions = batch.slice_positions.to(device) if settings.slice_frame_positions else None

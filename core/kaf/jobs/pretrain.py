@@ -62,6 +62,7 @@ class PretrainSettings:
     epochs: float | None = None  # per stage; one epoch = as many items as the data has slices / 2
     batch_size: int | None = None  # items per step over all ranks (default: the method's)
     learning_rate: float | None = None  # default: the method's
+    optimiser: str | None = None  # "sgd" or "adam"; default: the method's
     view_size: int | None = None  # default: the method's
     seed: int = 0
     device: str = "auto"
@@ -81,6 +82,8 @@ class PretrainSettings:
             raise InputDataError(f"epochs must be positive, got {self.epochs}")
         if self.learning_rate is not None and self.learning_rate <= 0:
             raise InputDataError(f"the learning rate must be positive, got {self.learning_rate}")
+        if self.optimiser not in (None, "sgd", "adam"):
+            raise InputDataError(f"the optimiser must be 'sgd' or 'adam', got '{self.optimiser}'")
 
     def model_config(self) -> ModelConfig:
         config = preset_config(self.preset)
@@ -279,6 +282,8 @@ def pretrain(
         yield clock.event("prepare", 0, 1, message=f"started from {start.source}: {transfer.summary()}")
     network.to(device)
     optimiser_settings = method.optimiser()
+    if settings.optimiser is not None:
+        optimiser_settings = replace(optimiser_settings, kind=settings.optimiser)
     base_rate = settings.learning_rate or optimiser_settings.learning_rate
     losses: list[float] = []
     terms: dict[str, float] = {}
@@ -467,7 +472,7 @@ def with_resume_defaults(settings: PretrainSettings, resume: ResumePoint) -> Pre
     """The resumed run keeps the checkpoint's seed, and its length, batch, rate and view size wherever
     the user did not give new ones."""
     saved = resume.metadata.extra["pretrain"]["settings"]
-    keep = ("steps", "epochs", "batch_size", "learning_rate", "view_size")
+    keep = ("steps", "epochs", "batch_size", "learning_rate", "optimiser", "view_size")
     filled = {key: saved.get(key) for key in keep if getattr(settings, key) is None}
     if settings.steps is not None or settings.epochs is not None:
         filled.pop("steps", None)
