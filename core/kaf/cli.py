@@ -276,6 +276,12 @@ def add_pretrain_parser(commands) -> None:
         help="initial learning rate (default: the method's, from its paper)",
     )
     pretrain.add_argument(
+        "--optimiser",
+        choices=["sgd", "adam"],
+        default=None,
+        help="optimiser kind (default: the method's, from its paper)",
+    )
+    pretrain.add_argument(
         "--view-size",
         type=int,
         default=None,

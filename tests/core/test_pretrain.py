@@ -247,6 +247,10 @@ def test_cli_pretrain_writes_a_checkpoint_and_refuses_bad_input(tmp_path, capsys
     printed = capsys.readouterr().out
     assert '"terms": {"L_PCL"' in printed and '"event": "result"' in printed
     assert load_checkpoint(out)[1].method == "kaf"
+    adam_out = tmp_path / "adam.safetensors"
+    adam = ["--data", str(volume), "--out", str(adam_out), "--view-size", "32", "--batch-size", "2"]
+    assert main(["pretrain", "--method", "kaf", *adam, "--steps", "1", "--optimiser", "adam"]) == 0
+    assert any(name.endswith(".exp_avg") for name in load_checkpoint(adam_out)[0])
 
     assert main(["pretrain", "--method", "gcl", *common, "--resume", str(out), "--progress", "none"]) == 2
     assert "pretrained with method 'kaf', not 'gcl'" in capsys.readouterr().err
