@@ -15,23 +15,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kaf.annotation import SparseAnnotation
-from kaf.checkpoints import CheckpointMetadata, save_checkpoint
-from kaf.errors import CheckpointError
-from kaf.jobs.events import CancelToken, ProgressEvent
-from kaf.jobs.explain import Explanation, explain
-from kaf.jobs.finetune import FinetuneResult, FinetuneSettings, finetune
-from kaf.jobs.predict import predict
-from kaf.models import KafUNet
-from kaf.preparation import PreparedVolume
-from kaf.volume_io import Volume
-from kaf.workflow import (
+from kaf.app.workflow import (
     adapt_to_image,
     load_finetuned_model,
     load_initialisation,
     prepare_for_inference,
     prepare_for_training,
 )
+from kaf.data.annotation import SparseAnnotation
+from kaf.data.preparation import PreparedVolume
+from kaf.data.volume_io import Volume
+from kaf.jobs.events import CancelToken, ProgressEvent
+from kaf.jobs.explain import Explanation, explain
+from kaf.jobs.finetune import FinetuneResult, FinetuneSettings, finetune
+from kaf.jobs.predict import predict
+from kaf.models import KafUNet
+from kaf.models.checkpoints import CheckpointMetadata, save_checkpoint
+from kaf.runtime.errors import CheckpointError
 
 Events = Generator[ProgressEvent, None, object]
 

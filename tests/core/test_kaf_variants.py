@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import torch
 
-from kaf.augment import AugmentationSettings, augment_batch, drop_keypoints
+from kaf.data.augment import AugmentationSettings, augment_batch, drop_keypoints
 from kaf.models import KafUNet, preset_config
 from kaf.models.kaf_layer import normalise_positions
 

@@ -7,10 +7,10 @@ import pytest
 
 pytest.importorskip("napari", reason="napari is not installed: pip install -e '.[test,napari]'")
 
-from kaf.annotation import sparse_annotation
-from kaf.errors import JobCancelled
+from kaf.data.annotation import sparse_annotation
 from kaf.jobs.events import CancelToken, drive
 from kaf.jobs.finetune import FinetuneSettings
+from kaf.runtime.errors import JobCancelled
 from napari_kaf import _jobs
 from napari_kaf._sample_data import synthetic_volume
 

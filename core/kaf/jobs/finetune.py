@@ -9,16 +9,21 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
-from kaf.annotation import SparseAnnotation
-from kaf.augment import AugmentationSettings, augment_batch
-from kaf.checkpoints import (
+from kaf.data.annotation import SparseAnnotation
+from kaf.data.augment import AugmentationSettings, augment_batch
+from kaf.data.preparation import PreparedVolume
+from kaf.data.slices import take_slices
+from kaf.jobs.events import CancelToken, Job, StageClock
+from kaf.models import KafUNet, ModelConfig, preset_config
+from kaf.models.checkpoints import (
     CUSTOM_PRESET,
     CheckpointMetadata,
     TransferReport,
     fingerprint_arrays,
     load_weights,
 )
-from kaf.devices import (
+from kaf.models.memory_estimate import training_step_bytes
+from kaf.runtime.devices import (
     autocast,
     check_memory,
     grad_scaler,
@@ -26,12 +31,7 @@ from kaf.devices import (
     out_of_memory_error,
     resolve_device,
 )
-from kaf.errors import InputDataError
-from kaf.jobs.events import CancelToken, Job, StageClock
-from kaf.memory_estimate import training_step_bytes
-from kaf.models import KafUNet, ModelConfig, preset_config
-from kaf.preparation import PreparedVolume
-from kaf.slices import take_slices
+from kaf.runtime.errors import InputDataError
 
 # What KAF transfers from pretraining (METHODS.md A.5); a pretraining checkpoint names its own groups.
 PRETRAINED_GROUPS = ("encoder", "bottleneck")

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kaf.checkpoints import CUSTOM_PRESET, CheckpointMetadata, fingerprint_arrays
-from kaf.devices import resolve_device
-from kaf.errors import InputDataError
+from kaf.data.keypoints import drop_padding
+from kaf.data.preparation import PreparedVolume
 from kaf.jobs.events import CancelToken, Job, StageClock
 from kaf.jobs.finetune import (
     FinetuneResult,
@@ -33,9 +32,10 @@ from kaf.jobs.finetune import (
     train_on_pool,
 )
 from kaf.jobs.finetune import model_config as preset_model_config
-from kaf.keypoints import drop_padding
 from kaf.models import ModelConfig, preset_config
-from kaf.preparation import PreparedVolume
+from kaf.models.checkpoints import CUSTOM_PRESET, CheckpointMetadata, fingerprint_arrays
+from kaf.runtime.devices import resolve_device
+from kaf.runtime.errors import InputDataError
 
 
 @dataclass

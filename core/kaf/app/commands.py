@@ -16,27 +16,27 @@ from pathlib import Path
 
 import numpy as np
 
-from kaf.annotation import sparse_annotation
-from kaf.atomic import refuse_overwrite, replace_atomically
-from kaf.checkpoints import CUSTOM_PRESET, save_checkpoint
-from kaf.default_weights import RANDOM_KEYWORD
-from kaf.devices import cpu_warning, resolve_device
-from kaf.errors import InputDataError
-from kaf.figures import attention_figure
-from kaf.jobs.explain import explain as explain_job
-from kaf.jobs.finetune import FinetuneSettings
-from kaf.jobs.finetune import finetune as finetune_job
-from kaf.jobs.predict import predict as predict_job
-from kaf.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
-from kaf.slices import take_slices
-from kaf.volume_io import Volume, read_labels, read_volume, write_class_maps, write_labels, write_volume
-from kaf.workflow import (
+from kaf.app.figures import attention_figure
+from kaf.app.workflow import (
     load_finetuned_model,
     load_initialisation,
     prepare_for_inference,
     prepare_for_training,
     read_annotation,
 )
+from kaf.data.annotation import sparse_annotation
+from kaf.data.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
+from kaf.data.slices import take_slices
+from kaf.data.volume_io import Volume, read_labels, read_volume, write_class_maps, write_labels, write_volume
+from kaf.jobs.explain import explain as explain_job
+from kaf.jobs.finetune import FinetuneSettings
+from kaf.jobs.finetune import finetune as finetune_job
+from kaf.jobs.predict import predict as predict_job
+from kaf.models.checkpoints import CUSTOM_PRESET, save_checkpoint
+from kaf.models.default_weights import RANDOM_KEYWORD
+from kaf.runtime.atomic import refuse_overwrite, replace_atomically
+from kaf.runtime.devices import cpu_warning, resolve_device
+from kaf.runtime.errors import InputDataError
 
 
 def _settings(args) -> FinetuneSettings:
@@ -104,8 +104,8 @@ def finetune(args, printer, cancel, run) -> dict:
 
 
 def pretrain(args, printer, cancel, run) -> dict:
+    from kaf.data.keypoints import KeypointConfig
     from kaf.jobs import pretrain as engine
-    from kaf.keypoints import KeypointConfig
     from kaf.ssl.data import load_pretrain_data
 
     if args.resume is None or Path(args.resume).resolve() != Path(args.out).resolve():
@@ -245,7 +245,7 @@ def explain(args, printer, cancel, run) -> dict:
 
 def demo(args, printer, cancel, run) -> dict:
     """The whole annotator's loop on one volume, scored against its reference labels."""
-    from kaf.sample_data import mni152_with_tissue_labels
+    from kaf.data.sample_data import mni152_with_tissue_labels
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,20 +10,20 @@ from pathlib import Path
 
 import numpy as np
 
-from kaf.annotation import SparseAnnotation, sparse_annotation
-from kaf.checkpoints import CheckpointMetadata, check_compatible, load_checkpoint, model_with_weights
-from kaf.default_weights import resolve_checkpoint
-from kaf.errors import CheckpointError
-from kaf.intensity import IntensityNormalization, fit_normalization
+from kaf.data.annotation import SparseAnnotation, sparse_annotation
+from kaf.data.intensity import IntensityNormalization, fit_normalization
+from kaf.data.keypoints import KeypointConfig
+from kaf.data.preparation import PreparedVolume
+from kaf.data.slices import scale_for_max_side
+from kaf.data.volume_io import Volume, read_labels, read_volume
 from kaf.jobs.events import CancelToken, Job
 from kaf.jobs.finetune import Initialisation
 from kaf.jobs.pretrain import PretrainSettings, pretrain
-from kaf.keypoints import KeypointConfig
 from kaf.models import KafUNet, ModelConfig, preset_config
-from kaf.preparation import PreparedVolume
-from kaf.slices import scale_for_max_side
+from kaf.models.checkpoints import CheckpointMetadata, check_compatible, load_checkpoint, model_with_weights
+from kaf.models.default_weights import resolve_checkpoint
+from kaf.runtime.errors import CheckpointError
 from kaf.ssl.data import volumes_from_arrays
-from kaf.volume_io import Volume, read_labels, read_volume
 
 
 def prepare_for_training(
