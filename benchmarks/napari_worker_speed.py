@@ -47,13 +47,11 @@ def mni_volume(slices: int):
 
 
 def run_direct(image, annotation, settings) -> tuple[float, float]:
-    from kaf.app.workflow import prepare_for_training
+    from kaf.app.workflow import finetune_volume
     from kaf.jobs.events import drive
-    from kaf.jobs.finetune import finetune
 
     start, cpu = time.perf_counter(), time.process_time()
-    prepared = prepare_for_training(image, settings.preset, 0)
-    drive(finetune(prepared, annotation, settings))
+    drive(finetune_volume(image, annotation, settings))
     return time.perf_counter() - start, time.process_time() - cpu
 
 

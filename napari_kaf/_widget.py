@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from kaf.app.workflow import TrainedModel
 from kaf.data.annotation import painted_slices, sparse_annotation
 from kaf.jobs.events import CancelToken, ProgressEvent
 from kaf.jobs.finetune import FinetuneSettings
@@ -694,7 +695,7 @@ class KafWidget(QWidget):
             cancel,
         )
 
-    def _on_trained(self, trained: _jobs.TrainedModel) -> None:
+    def _on_trained(self, trained: TrainedModel) -> None:
         result = trained.result
         self._model = result.model
         self._metadata = result.metadata

@@ -246,24 +246,54 @@ def finetune(
     started = time.perf_counter()
     losses = yield from train_on_pool(model, pool, settings, device, generator, clock, cancel)
     model.cpu().eval()
-    metadata = CheckpointMetadata(
-        preset=settings.preset,
-        model=config.to_dict(),
-        method="finetune",
-        label_names=label_names or default_label_names(annotation.classes),
-        normalization=prepared.normalization.to_dict(),
-        keypoints=prepared.keypoint_config.to_dict(),
-        slice_axis=annotation.slice_axis,
-        steps=len(losses),
-        data_fingerprint=fingerprint_arrays(prepared.slices, annotation.labels),
-        extra={
-            "annotated_slices": indices,
-            "finetune": asdict(settings),
-            "pretrained_from": init.metadata.method if init else "random",
-            "scale": prepared.layout.scale,
-        },
+    metadata = finetune_metadata(
+        prepared,
+        config,
+        settings,
+        init,
+        label_names,
+        len(losses),
+        fingerprint_arrays(prepared.slices, annotation.labels),
+        prepared.layout.scale,
+        annotated_slices=indices,
     )
     return FinetuneResult(model, metadata, losses, transfer, time.perf_counter() - started)
+
+
+def finetune_metadata(
+    prepared: PreparedVolume,
+    config: ModelConfig,
+    settings: FinetuneSettings,
+    init: Initialisation | None,
+    label_names: list[str] | None,
+    steps: int,
+    data_fingerprint: str,
+    scale: float,
+    **extra,
+) -> CheckpointMetadata:
+    """The metadata of a fine-tuned model, for both fine-tuning jobs. `prepared`: the (first) training
+    volume, whose normalisation, keypoints and slice axis inference replays; `scale`: the resize factor
+    inference applies; `extra`: what the job adds about its training data."""
+    named_preset = settings.preset != CUSTOM_PRESET and config == preset_config(
+        settings.preset, config.classes
+    )
+    return CheckpointMetadata(
+        preset=settings.preset if named_preset else CUSTOM_PRESET,
+        model=config.to_dict(),
+        method="finetune",
+        label_names=label_names or default_label_names(config.classes),
+        normalization=prepared.normalization.to_dict(),
+        keypoints=prepared.keypoint_config.to_dict(),
+        slice_axis=prepared.slice_axis,
+        steps=steps,
+        data_fingerprint=data_fingerprint,
+        extra={
+            **extra,
+            "finetune": asdict(settings),
+            "pretrained_from": init.metadata.method if init else "random",
+            "scale": scale,
+        },
+    )
 
 
 def default_label_names(classes: int) -> list[str]:
