@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kaf.annotation import sparse_annotation
+from kaf.app.workflow import prepare_for_training
+from kaf.data.annotation import sparse_annotation
+from kaf.data.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
+from kaf.data.volume_io import read_labels, read_volume
 from kaf.jobs.events import drive
 from kaf.jobs.finetune import FinetuneSettings, Initialisation, finetune
 from kaf.jobs.predict import predict
-from kaf.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
-from kaf.volume_io import read_labels, read_volume
-from kaf.workflow import prepare_for_training
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 1. Pretraining (run beforehand, the exact command is recorded in the card): `kaf pretrain --method kaf`
    on MSD Task04 hippocampus images (CC BY-SA 4.0), all but the 10 held-out cases, without labels.
-2. Export: the transferred groups of that checkpoint, in float16 (kaf.default_weights).
+2. Export: the transferred groups of that checkpoint, in float16 (kaf.models.default_weights).
 3. Score: the annotator's protocol on the 10 held-out cases: k annotated slices, fine-tune the
    interactive preset with the default settings from random init and from the exported weights, mean
    foreground Dice on the other slices, beside copying the nearest annotated slice.
@@ -22,11 +22,11 @@ import torch
 from annotator import annotator_run  # benchmarks/ is on the path when this file runs
 from speed import machine  # benchmarks/ is on the path when this file runs
 
-from kaf.checkpoints import load_checkpoint
-from kaf.default_weights import WEIGHTS_FILE, export_for_transfer
+from kaf.app.workflow import load_initialisation
 from kaf.jobs.finetune import FinetuneSettings
 from kaf.models import ModelConfig, preset_config
-from kaf.workflow import load_initialisation
+from kaf.models.checkpoints import load_checkpoint
+from kaf.models.default_weights import WEIGHTS_FILE, export_for_transfer
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hippocampus"
 WEIGHTS = Path(__file__).resolve().parents[1] / "core" / "kaf" / "weights"

@@ -9,7 +9,7 @@ Protocol, per dataset (../shared/data):
   each class kept as the product does; a volume's score is the mean over its foreground classes, a draw's
   the mean over test volumes; each cell is the mean (std) over draws.
 - The annotator's protocol: k = 1, 2, 4 annotated slices of one test volume (the slices an annotator would
-  pick, kaf.metrics.spread_slices), Dice on the other slices of that volume, beside copying the nearest
+  pick, kaf.data.metrics.spread_slices), Dice on the other slices of that volume, beside copying the nearest
   annotated slice; mean (std) over the annotated volumes.
 
 Modes: `--quick` (default) fits an hour on 2 CPU cores with the `interactive` preset; `--long` is the
@@ -55,19 +55,19 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend
 from scipy.stats import binomtest
 from speed import machine  # benchmarks/ is on the path when this file runs
 
-from kaf.devices import resolve_device
-from kaf.errors import DeviceError
+from kaf.app.workflow import load_initialisation, prepare_for_training
+from kaf.data.keypoints import KeypointConfig
+from kaf.data.metrics import copy_nearest_annotated, dice_on_unannotated, dice_per_class, spread_slices
+from kaf.data.volume_io import read_labels, read_volume
 from kaf.jobs.events import ProgressEvent, drive
 from kaf.jobs.finetune import FinetuneSettings, Initialisation
 from kaf.jobs.multi_finetune import LabelledVolume, multi_finetune
 from kaf.jobs.predict import predict
 from kaf.jobs.pretrain import PretrainSettings, pretrain
-from kaf.keypoints import KeypointConfig
-from kaf.metrics import copy_nearest_annotated, dice_on_unannotated, dice_per_class, spread_slices
 from kaf.models import KafUNet, ModelConfig, preset_config
+from kaf.runtime.devices import resolve_device
+from kaf.runtime.errors import DeviceError
 from kaf.ssl.data import PretrainData, load_pretrain_data
-from kaf.volume_io import read_labels, read_volume
-from kaf.workflow import load_initialisation, prepare_for_training
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COPY = "copy nearest annotated slice"

@@ -18,7 +18,7 @@ import few_label  # benchmarks/ is on the path when this file runs
 import torch
 from speed import machine
 
-from kaf.keypoints import drop_padding
+from kaf.data.keypoints import drop_padding
 from kaf.models import KafUNet
 from kaf.ssl import make_method
 from kaf.ssl.base import Communicator, item_generators

@@ -31,9 +31,9 @@ import torch
 
 def mni_volume(slices: int):
     """The MNI152 T1 (nilearn's wheel) cut to `slices` axial slices, with 2 slices annotated."""
-    from kaf.annotation import sparse_annotation
-    from kaf.sample_data import mni152_with_tissue_labels
-    from kaf.volume_io import Volume
+    from kaf.data.annotation import sparse_annotation
+    from kaf.data.sample_data import mni152_with_tissue_labels
+    from kaf.data.volume_io import Volume
 
     volume, labels, _names = mni152_with_tissue_labels()
     first = (volume.shape[0] - slices) // 2
@@ -47,13 +47,11 @@ def mni_volume(slices: int):
 
 
 def run_direct(image, annotation, settings) -> tuple[float, float]:
+    from kaf.app.workflow import finetune_volume
     from kaf.jobs.events import drive
-    from kaf.jobs.finetune import finetune
-    from kaf.workflow import prepare_for_training
 
     start, cpu = time.perf_counter(), time.process_time()
-    prepared = prepare_for_training(image, settings.preset, 0)
-    drive(finetune(prepared, annotation, settings))
+    drive(finetune_volume(image, annotation, settings))
     return time.perf_counter() - start, time.process_time() - cpu
 
 

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from speed import machine  # benchmarks/ is on the path when this file runs
 
-from kaf.host_memory import peak_resident_bytes
+from kaf.data.keypoints import KeypointConfig
 from kaf.jobs.events import drive
 from kaf.jobs.pretrain import PretrainSettings, pretrain, rank_device
-from kaf.keypoints import KeypointConfig
+from kaf.runtime.host_memory import peak_resident_bytes
 from kaf.ssl import METHODS, make_method
 from kaf.ssl.data import load_pretrain_data, volumes_from_arrays
 

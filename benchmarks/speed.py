@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from kaf.host_memory import peak_resident_bytes
 from kaf.jobs.predict import default_inference_batch
 from kaf.models import KafUNet, ModelConfig, preset_config
+from kaf.runtime.host_memory import peak_resident_bytes
 
 VARIANTS = {"KAF": lambda c: c, "UNet(c2)": lambda c: c.without_kaf(), "UNet(c1)": lambda c: c.plain_unet()}
 SETTINGS = {  # (train batch, train side, inference side): the sizes each preset is used at

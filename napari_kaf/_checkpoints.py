@@ -1,12 +1,12 @@
-"""The checkpoint menu: the shipped default (kaf.default_weights), random initialisation, or a file."""
+"""The checkpoint menu: the shipped default (kaf.models.default_weights), random initialisation, or a file."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from kaf.default_weights import DEFAULT_KEYWORD, RANDOM_KEYWORD, shipped_checkpoint
-from kaf.errors import CheckpointError
+from kaf.models.default_weights import DEFAULT_KEYWORD, RANDOM_KEYWORD, shipped_checkpoint
+from kaf.runtime.errors import CheckpointError
 
 FILE_CHOICE = "file"
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from kaf.errors import KafError
-from kaf.volume_io import Volume, read_volume, write_volume
-from kaf.volume_io import write_labels as core_write_labels
+from kaf.data.volume_io import Volume, read_volume, write_volume
+from kaf.data.volume_io import write_labels as core_write_labels
+from kaf.runtime.errors import KafError
 from napari_kaf._marshal import affine_of, layer_kwargs, looks_like_labels
 
 READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")

@@ -7,7 +7,6 @@ Each is a generator that yields the core's `ProgressEvent`s (the Stop point) and
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,31 +14,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kaf.annotation import SparseAnnotation
-from kaf.checkpoints import CheckpointMetadata, save_checkpoint
-from kaf.errors import CheckpointError
+from kaf.app.workflow import (
+    finetune_volume,
+    load_finetuned_model,
+    prepare_for_inference,
+)
+from kaf.data.annotation import SparseAnnotation
+from kaf.data.preparation import PreparedVolume
+from kaf.data.volume_io import Volume
 from kaf.jobs.events import CancelToken, ProgressEvent
 from kaf.jobs.explain import Explanation, explain
-from kaf.jobs.finetune import FinetuneResult, FinetuneSettings, finetune
+from kaf.jobs.finetune import FinetuneSettings
 from kaf.jobs.predict import predict
 from kaf.models import KafUNet
-from kaf.preparation import PreparedVolume
-from kaf.volume_io import Volume
-from kaf.workflow import (
-    adapt_to_image,
-    load_finetuned_model,
-    load_initialisation,
-    prepare_for_inference,
-    prepare_for_training,
-)
+from kaf.models.checkpoints import CheckpointMetadata, save_checkpoint
+from kaf.runtime.errors import CheckpointError
 
 Events = Generator[ProgressEvent, None, object]
-
-
-@dataclass
-class TrainedModel:
-    result: FinetuneResult
-    prepared: PreparedVolume  # the image as the model saw it; reused by predict and explain
 
 
 @dataclass
@@ -89,22 +80,17 @@ def finetune_task(
     threads: int | None = None,
     adapt_seconds: float | None = None,
 ) -> Events:
-    """Fine-tune; with `adapt_seconds`, first adapt the starting weights to this image by a short
-    self-supervised KAF pretraining on it (no labels used)."""
+    """Fine-tune (the core's `finetune_volume`); with `adapt_seconds`, first adapt the starting weights to
+    this image."""
     _use_threads(threads)
     yield ProgressEvent(
         "prepare", 0, 1, message="loading the checkpoint" if checkpoint else "preparing the image"
     )
-    init = load_initialisation(checkpoint, settings.preset) if checkpoint is not None else None
-    cancel.raise_if_cancelled("fine-tuning")
-    prepared = prepare_for_training(volume, settings.preset, annotation.slice_axis)
-    if adapt_seconds:
-        with tempfile.TemporaryDirectory(prefix="kaf-adapt-") as work_dir:
-            init = yield from adapt_to_image(
-                prepared, settings.preset, init, adapt_seconds, work_dir, settings.device, cancel
-            )
-    result = yield from finetune(prepared, annotation, settings, init, None, cancel)
-    return TrainedModel(result, prepared)
+    return (
+        yield from finetune_volume(
+            volume, annotation, settings, checkpoint, adapt_seconds=adapt_seconds, cancel=cancel
+        )
+    )
 
 
 def predict_task(

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from kaf.errors import InputDataError
-from kaf.volume_io import Volume
+from kaf.data.volume_io import Volume
+from kaf.runtime.errors import InputDataError
 
 AFFINE_KEY = "affine"
 SOURCE_KEY = "source"

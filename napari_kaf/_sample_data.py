@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kaf.sample_data import ring_and_disc
-from kaf.volume_io import Volume
+from kaf.data.sample_data import ring_and_disc
+from kaf.data.volume_io import Volume
 from napari_kaf._marshal import layer_kwargs
 
 
@@ -23,7 +23,7 @@ def _pair(volume: Volume, labels: np.ndarray, name: str, names: list[str]) -> li
 
 def mni152_sample() -> list[tuple]:
     """The MNI152 2009 T1 template (2 mm) with grey/white-matter labels, from nilearn's installed files."""
-    from kaf.sample_data import mni152_with_tissue_labels
+    from kaf.data.sample_data import mni152_with_tissue_labels
 
     volume, labels, names = mni152_with_tissue_labels()
     return _pair(volume, labels, "MNI152 T1", names)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from kaf.slices import take_slices
+from kaf.data.slices import take_slices
 
 
 def slice_scores(uncertainty: np.ndarray, prediction: np.ndarray, slice_axis: int = 0) -> np.ndarray:

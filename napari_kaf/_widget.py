@@ -32,12 +32,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from kaf.annotation import painted_slices, sparse_annotation
-from kaf.devices import available_devices, cpu_warning, is_out_of_memory, resolve_device
-from kaf.errors import DeviceError, InputDataError, JobCancelled, KafError
+from kaf.app.workflow import TrainedModel
+from kaf.data.annotation import painted_slices, sparse_annotation
 from kaf.jobs.events import CancelToken, ProgressEvent
 from kaf.jobs.finetune import FinetuneSettings
 from kaf.models.config import PRESETS
+from kaf.runtime.devices import available_devices, cpu_warning, is_out_of_memory, resolve_device
+from kaf.runtime.errors import DeviceError, InputDataError, JobCancelled, KafError
 from napari_kaf import _jobs
 from napari_kaf._checkpoints import FILE_CHOICE, checkpoint_path, menu_entries
 from napari_kaf._marshal import (
@@ -694,7 +695,7 @@ class KafWidget(QWidget):
             cancel,
         )
 
-    def _on_trained(self, trained: _jobs.TrainedModel) -> None:
+    def _on_trained(self, trained: TrainedModel) -> None:
         result = trained.result
         self._model = result.model
         self._metadata = result.metadata

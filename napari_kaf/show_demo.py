@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kaf.volume_io import read_labels, read_volume
+from kaf.data.volume_io import read_labels, read_volume
 from napari_kaf._marshal import layer_kwargs
 
 LABEL_FILES = (("reference.nii.gz", "reference"), ("annotation.nii.gz", "kaf:annotation"))

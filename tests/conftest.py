@@ -9,6 +9,11 @@ import pytest
 import torch
 from volume_factory import save_nifti, synthetic_volume
 
+from kaf.data.keypoints import KeypointConfig
+from kaf.jobs.finetune import default_label_names
+from kaf.models import KafUNet, ModelConfig
+from kaf.models.checkpoints import CUSTOM_PRESET, CheckpointMetadata, save_checkpoint
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -37,3 +42,26 @@ def shared_data() -> Path:
             f"real data folder {SHARED_DATA} is absent (it sits beside the repository in development)"
         )
     return SHARED_DATA
+
+
+# A small KAF architecture that no preset has: what a `--preset custom` fine-tuning takes from its checkpoint.
+CUSTOM_ARCHITECTURE = ModelConfig(
+    base_width=4, token_dim=16, attention_heads=2, attention_blocks=1, max_keypoints=32, input_size=64
+)
+
+
+@pytest.fixture
+def custom_checkpoint(tmp_path) -> Path:
+    """A KAF-pretrained checkpoint (random weights) of CUSTOM_ARCHITECTURE."""
+    torch.manual_seed(0)
+    metadata = CheckpointMetadata(
+        preset=CUSTOM_PRESET,
+        model=CUSTOM_ARCHITECTURE.to_dict(),
+        method="kaf",
+        label_names=default_label_names(CUSTOM_ARCHITECTURE.classes),
+        normalization=None,
+        keypoints=KeypointConfig(max_keypoints=CUSTOM_ARCHITECTURE.max_keypoints).to_dict(),
+    )
+    return save_checkpoint(
+        tmp_path / "custom.safetensors", KafUNet(CUSTOM_ARCHITECTURE).state_dict(), metadata
+    )

@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from kaf.sample_data import ring_and_disc
+from kaf.data.sample_data import ring_and_disc
 
 AFFINE = np.diag([1.5, 1.5, 4.0, 1.0])  # voxel (x, y, z) -> mm: 1.5 mm in-plane, 4 mm slices
 

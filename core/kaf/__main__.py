@@ -2,6 +2,6 @@
 
 import sys
 
-from kaf.cli import main
+from kaf.app.cli import main
 
 sys.exit(main())

@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import few_label  # benchmarks/ is not a package
 
-from kaf.errors import DeviceError
+from kaf.runtime.errors import DeviceError
 
 BUDGET = replace(few_label.LONG.smoke(), labelled=(1, 2), draws=2)
 ROW = few_label.Row("unet", None)

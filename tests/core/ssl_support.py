@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from kaf.checkpoints import in_groups
-from kaf.keypoints import KeypointConfig
+from kaf.data.keypoints import KeypointConfig
 from kaf.models import KafUNet, ModelConfig
+from kaf.models.checkpoints import in_groups
 from kaf.ssl.base import Communicator, PretrainMethod
 from kaf.ssl.data import PretrainData, load_pretrain_data
 

@@ -8,9 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from kaf.cli import main
-from kaf.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
-from kaf.volume_io import read_labels, read_volume
+from kaf.app.cli import main
+from kaf.data.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
+from kaf.data.volume_io import read_labels, read_volume
 
 VOLUMES = ["patient001_frame01", "patient022_frame01"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kaf.annotation import MAX_CLASSES, sparse_annotation
-from kaf.errors import InputDataError
+from kaf.data.annotation import MAX_CLASSES, sparse_annotation
+from kaf.runtime.errors import InputDataError
 
 
 def test_the_highest_label_a_16_bit_segmentation_holds_is_accepted() -> None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kaf import checkpoints
-from kaf.checkpoints import (
+from kaf.models import KafUNet, ModelConfig, checkpoints, preset_config
+from kaf.models.checkpoints import (
     FORMAT_VERSION,
     CheckpointMetadata,
     build_model,
@@ -25,8 +25,7 @@ from kaf.checkpoints import (
     model_with_weights,
     save_checkpoint,
 )
-from kaf.errors import CheckpointError, KafError
-from kaf.models import KafUNet, ModelConfig, preset_config
+from kaf.runtime.errors import CheckpointError, KafError
 
 SMALL = ModelConfig(base_width=4, token_dim=16, attention_blocks=1, classes=3)
 TRANSFERRED = ["encoder", "bottleneck"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from kaf_process import run_until
 
-from kaf.cli import EXIT_CANCELLED, EXIT_USER_ERROR, main
+from kaf.app.cli import EXIT_CANCELLED, EXIT_USER_ERROR, main
 from tests.conftest import save_nifti, synthetic_volume
 
 FAST = ["--steps", "2", "--batch-size", "2", "--crop-size", "32", "--device", "cpu", "--progress", "none"]

@@ -8,17 +8,17 @@ import torch
 from ssl_support import tiny_model
 from volume_factory import synthetic_volume
 
-from kaf.annotation import sparse_annotation
-from kaf.checkpoints import load_checkpoint
-from kaf.default_weights import export_for_transfer, shipped_checkpoint
-from kaf.errors import CheckpointError
+from kaf.app.workflow import load_initialisation, prepare_for_training
+from kaf.data.annotation import sparse_annotation
+from kaf.data.volume_io import Volume
 from kaf.jobs.events import drive
 from kaf.jobs.finetune import FinetuneSettings, build_model, finetune
 from kaf.jobs.pretrain import PretrainSettings, pretrain, read_resume_point
 from kaf.models import KafUNet, preset_config
+from kaf.models.checkpoints import load_checkpoint
+from kaf.models.default_weights import export_for_transfer, shipped_checkpoint
+from kaf.runtime.errors import CheckpointError
 from kaf.ssl.data import volumes_from_arrays
-from kaf.volume_io import Volume
-from kaf.workflow import load_initialisation, prepare_for_training
 
 MAX_BYTES = 10 * 2**20
 SHIPPED = ("encoder.", "bottleneck.")

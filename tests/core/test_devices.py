@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from kaf import devices, host_memory
-from kaf.devices import (
+from kaf.runtime import devices, host_memory
+from kaf.runtime.devices import (
     autocast,
     autocast_dtype,
     available_devices,
@@ -27,7 +27,7 @@ from kaf.devices import (
     out_of_memory_error,
     resolve_device,
 )
-from kaf.errors import DeviceError
+from kaf.runtime.errors import DeviceError
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)

@@ -6,11 +6,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kaf.annotation import sparse_annotation
-from kaf.augment import AugmentationSettings, augment_batch
-from kaf.errors import InputDataError
-from kaf.metrics import copy_nearest_annotated, dice_on_unannotated, dice_per_class, spread_slices
-from kaf.slices import SliceLayout, put_slices, take_slices
+from kaf.data.annotation import sparse_annotation
+from kaf.data.augment import AugmentationSettings, augment_batch
+from kaf.data.metrics import copy_nearest_annotated, dice_on_unannotated, dice_per_class, spread_slices
+from kaf.data.slices import SliceLayout, put_slices, take_slices
+from kaf.runtime.errors import InputDataError
 
 sides = st.integers(min_value=5, max_value=70)
 

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kaf.augment import AugmentationSettings, augment_batch
-from kaf.slices import SliceLayout
-from kaf.volume_io import read_volume, write_volume
+from kaf.data.augment import AugmentationSettings, augment_batch
+from kaf.data.slices import SliceLayout
+from kaf.data.volume_io import read_volume, write_volume
 
 sides = st.integers(min_value=8, max_value=90)
 scales = st.floats(min_value=0.3, max_value=1.0)

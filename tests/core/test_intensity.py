@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from kaf.errors import CheckpointError, InputDataError
-from kaf.intensity import IntensityNormalization, fit_normalization, guess_modality
+from kaf.data.intensity import IntensityNormalization, fit_normalization, guess_modality
+from kaf.runtime.errors import CheckpointError, InputDataError
 
 
 def mri_like() -> np.ndarray:

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from kaf.annotation import sparse_annotation
-from kaf.errors import InputDataError, JobCancelled
-from kaf.intensity import fit_normalization
+from kaf.data.annotation import sparse_annotation
+from kaf.data.intensity import fit_normalization
+from kaf.data.keypoints import KeypointConfig
+from kaf.data.preparation import PreparedVolume
 from kaf.jobs.events import CancelToken, drive
 from kaf.jobs.explain import explain
 from kaf.jobs.finetune import FinetuneSettings, cosine_learning_rate, finetune
 from kaf.jobs.predict import keep_largest_components, predict
-from kaf.keypoints import KeypointConfig
-from kaf.preparation import PreparedVolume
+from kaf.runtime.errors import InputDataError, JobCancelled
 from tests.conftest import synthetic_volume
 
 QUICK = FinetuneSettings(steps=3, batch_size=2, crop_size=32, device="cpu")

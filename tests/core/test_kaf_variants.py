@@ -5,11 +5,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kaf.augment import AugmentationSettings, augment_batch, drop_keypoints
-from kaf.errors import InputDataError
+from kaf.data.augment import AugmentationSettings, augment_batch, drop_keypoints
 from kaf.jobs.finetune import FinetuneSettings, parameter_groups_by_rate
 from kaf.models import KafUNet, preset_config
 from kaf.models.kaf_layer import normalise_positions
+from kaf.runtime.errors import InputDataError
 
 
 def test_gated_fusion_starting_at_zero_computes_the_unet_c2() -> None:

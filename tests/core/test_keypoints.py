@@ -1,4 +1,4 @@
-"""Tests for kaf.keypoints: SIFT detection, fallback lattice, padding into batches, coordinate transport."""
+"""Tests for kaf.data.keypoints: SIFT detection, fallback lattice, batch padding, coordinate transport."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kaf.errors import InputDataError, KafError
-from kaf.keypoints import (
+from kaf.data.keypoints import (
     DESCRIPTOR_SIZE,
     KeypointBatch,
     KeypointConfig,
@@ -26,6 +25,7 @@ from kaf.keypoints import (
     transform_keypoint_coords,
     transform_slice_keypoints,
 )
+from kaf.runtime.errors import InputDataError, KafError
 
 UNCAPPED = 100_000
 

@@ -9,16 +9,16 @@ import time
 import pytest
 from volume_factory import save_nifti, synthetic_volume
 
-from kaf.cli import main
-from kaf.host_memory import available_ram_bytes
-from kaf.memory_estimate import training_step_bytes
+from kaf.app.cli import main
 from kaf.models import preset_config
+from kaf.models.memory_estimate import training_step_bytes
+from kaf.runtime.host_memory import available_ram_bytes
 
 # Two Adam steps of the interactive preset in a fresh process; prints its peak RSS rise in bytes. (Not
 # ru_maxrss: it would carry over the RSS of pytest, which forks the process.)
 MEASURE_STEP = """
 import torch
-from kaf.host_memory import peak_resident_bytes, resident_bytes
+from kaf.runtime.host_memory import peak_resident_bytes, resident_bytes
 from kaf.models import KafUNet, preset_config
 
 torch.set_num_threads(1)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kaf.errors import InputDataError
 from kaf.models import PRESETS, KafUNet, ModelConfig, count_parameters, preset_config
 from kaf.models.kaf_layer import conv3x3_of_scatter, scatter_mean
+from kaf.runtime.errors import InputDataError
 
 # Per KAF layer the reference also builds an unused Conv1d(d -> d) output projection and a dustbin
 # scalar (METHODS.md A.1, E.12): d*d + d + 1 parameters that the clean model does not create.

@@ -8,16 +8,16 @@ import torch
 from ssl_support import tiny_model
 from volume_factory import synthetic_volume
 
-from kaf.annotation import sparse_annotation
-from kaf.errors import InputDataError
-from kaf.intensity import fit_normalization
+from kaf.app.workflow import prepare_for_training
+from kaf.data.annotation import sparse_annotation
+from kaf.data.intensity import fit_normalization
+from kaf.data.keypoints import KeypointConfig
+from kaf.data.preparation import PreparedVolume
+from kaf.data.volume_io import read_labels, read_volume
 from kaf.jobs.events import drive
 from kaf.jobs.finetune import FinetuneSettings, finetune
 from kaf.jobs.multi_finetune import LabelledVolume, multi_finetune, pool_slices
-from kaf.keypoints import KeypointConfig
-from kaf.preparation import PreparedVolume
-from kaf.volume_io import read_labels, read_volume
-from kaf.workflow import prepare_for_training
+from kaf.runtime.errors import InputDataError
 
 TINY = tiny_model(kaf=True).config
 QUICK = FinetuneSettings(steps=3, batch_size=2, crop_size=32, device="cpu")

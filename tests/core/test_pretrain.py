@@ -15,9 +15,10 @@ from safetensors.torch import load_file, save_file
 from ssl_support import tiny_model
 from volume_factory import save_nifti, synthetic_volume
 
-from kaf.annotation import sparse_annotation
-from kaf.checkpoints import load_checkpoint
-from kaf.errors import CheckpointError, InputDataError, JobCancelled
+from kaf.app.workflow import prepare_for_training
+from kaf.data.annotation import sparse_annotation
+from kaf.data.keypoints import KeypointConfig
+from kaf.data.volume_io import Volume
 from kaf.jobs.events import CancelToken, drive
 from kaf.jobs.finetune import FinetuneSettings, Initialisation, build_model, finetune
 from kaf.jobs.pretrain import (
@@ -30,13 +31,12 @@ from kaf.jobs.pretrain import (
     read_resume_point,
     with_resume_defaults,
 )
-from kaf.keypoints import KeypointConfig
 from kaf.models import KafUNet
+from kaf.models.checkpoints import load_checkpoint
+from kaf.runtime.errors import CheckpointError, InputDataError, JobCancelled
 from kaf.ssl import make_method
 from kaf.ssl.base import Communicator, OptimiserSettings, item_generators, to_device
 from kaf.ssl.data import load_pretrain_data, volumes_from_arrays
-from kaf.volume_io import Volume
-from kaf.workflow import prepare_for_training
 
 TINY = tiny_model(kaf=True).config
 
@@ -238,7 +238,7 @@ def test_two_process_ddp_matches_one_process_with_the_doubled_batch(tmp_path):
 
 
 def test_cli_pretrain_writes_a_checkpoint_and_refuses_bad_input(tmp_path, capsys):
-    from kaf.cli import main
+    from kaf.app.cli import main
 
     volume = save_nifti(synthetic_volume()[0], tmp_path / "scan.nii.gz")
     out = tmp_path / "pretrained.safetensors"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kaf.errors import KafError
+from kaf.runtime.errors import KafError
 from kaf.ssl import make_method
 from kaf.ssl.base import Communicator, item_generators
 from kaf.ssl.data import volumes_from_arrays

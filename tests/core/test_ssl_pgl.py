@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from ssl_support import hippocampus_data, losses_over_steps, set_trainable, tiny_model
 
-from kaf.errors import KafError
 from kaf.models import KafUNet
+from kaf.runtime.errors import KafError
 from kaf.ssl import make_method
 from kaf.ssl.base import Communicator, item_generators
 from kaf.ssl.data import volumes_from_arrays

@@ -12,9 +12,8 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
 from volume_factory import write_dicom_slice
 
-from kaf import volume_io
-from kaf.errors import InputDataError, InputFileError
-from kaf.volume_io import Volume, read_labels, read_volume, write_labels, write_volume
+from kaf.data.volume_io import Volume, checks, read_labels, read_volume, write_labels, write_volume
+from kaf.runtime.errors import InputDataError, InputFileError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -349,7 +348,7 @@ def test_volume_larger_than_available_memory_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = save_nifti(tmp_path / "image.nii.gz", random_image())
-    monkeypatch.setattr(volume_io, "available_ram_bytes", lambda: 1000)
+    monkeypatch.setattr(checks, "available_ram_bytes", lambda: 1000)
 
     expect_file_error(path, "too large", "GiB")
 
@@ -467,10 +466,10 @@ def test_float_labels_with_whole_values_are_accepted(tmp_path: Path, image: Volu
 def test_a_volume_that_fails_to_allocate_is_reported_as_too_large(tmp_path: Path, monkeypatch) -> None:
     """Where free memory is unknown (Windows), a header's size cannot be checked before loading."""
     path = save_nifti(tmp_path / "huge.nii.gz", random_image())
-    monkeypatch.setattr(volume_io, "available_ram_bytes", lambda: None)
+    monkeypatch.setattr(checks, "available_ram_bytes", lambda: None)
 
     def no_memory(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr(volume_io.np, "asanyarray", no_memory)
+    monkeypatch.setattr(np, "asanyarray", no_memory)
     expect_file_error(path, "too large to load")

@@ -80,7 +80,7 @@ def mni_sample():
 @pytest.fixture(scope="session")
 def mni_crop(mni_sample):
     """A real MRI: the MNI152 template (nilearn's wheel) cut to 10 axial slices, with its tissue labels."""
-    from kaf.volume_io import Volume
+    from kaf.data.volume_io import Volume
 
     (image, image_kwargs, _), (labels, label_kwargs, _) = mni_sample
     volume = Volume(image, image_kwargs["metadata"]["affine"])

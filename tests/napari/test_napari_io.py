@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("napari", reason="napari is not installed: pip install -e '.[test,napari]'")
 
-from kaf.volume_io import Volume, read_volume, write_volume
+from kaf.data.volume_io import Volume, read_volume, write_volume
 from napari_kaf._io import get_reader, read_volumes
 from napari_kaf._marshal import affine_of, layer_kwargs
 from napari_kaf._sample_data import synthetic_sample

@@ -1,16 +1,20 @@
-"""The worker-thread tasks on their own (no Qt): Adapt's self-supervised step before fine-tuning."""
+"""The worker-thread tasks on their own (no Qt): Adapt's self-supervised step before fine-tuning, and the
+core's fine-tuning rules on napari's path."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 pytest.importorskip("napari", reason="napari is not installed: pip install -e '.[test,napari]'")
 
-from kaf.annotation import sparse_annotation
-from kaf.errors import JobCancelled
+from kaf.data.annotation import sparse_annotation
 from kaf.jobs.events import CancelToken, drive
 from kaf.jobs.finetune import FinetuneSettings
+from kaf.models.checkpoints import load_checkpoint
+from kaf.runtime.errors import JobCancelled
 from napari_kaf import _jobs
 from napari_kaf._sample_data import synthetic_volume
 
@@ -46,3 +50,11 @@ def test_stop_during_adapt_stops_the_whole_job():
 
     with pytest.raises(JobCancelled):
         drive(_jobs.finetune_task(volume, annotation, settings, None, cancel, None, 60.0), stop_in_adapt)
+
+
+def test_custom_preset_takes_the_architecture_of_the_checkpoint_in_napari_too(custom_checkpoint):
+    volume, annotation, settings = _inputs()
+    custom = replace(settings, preset="custom")
+    trained = drive(_jobs.finetune_task(volume, annotation, custom, custom_checkpoint, CancelToken()))
+    architecture = load_checkpoint(custom_checkpoint)[1].model_config()
+    assert trained.result.metadata.model_config() == architecture.with_classes(3)

@@ -183,7 +183,7 @@ def test_demo_outputs_open_in_napari_with_the_widget(tmp_path, monkeypatch, plug
     annotation and prediction layers on the image's grid, and the KAF Segment dock widget."""
     import napari
 
-    from kaf.volume_io import Volume, write_labels, write_volume
+    from kaf.data.volume_io import Volume, write_labels, write_volume
     from napari_kaf import show_demo
     from napari_kaf._sample_data import synthetic_volume
 

@@ -8,12 +8,12 @@ import pytest
 pytest.importorskip("napari", reason="napari is not installed: pip install -e '.[test,napari]'")
 import torch
 
-from kaf.checkpoints import CheckpointMetadata, save_checkpoint
+from kaf.app.workflow import load_finetuned_model
+from kaf.data.keypoints import KeypointConfig
+from kaf.data.volume_io import read_volume
 from kaf.jobs.events import ProgressEvent
-from kaf.keypoints import KeypointConfig
 from kaf.models import KafUNet, preset_config
-from kaf.volume_io import read_volume
-from kaf.workflow import load_finetuned_model
+from kaf.models.checkpoints import CheckpointMetadata, save_checkpoint
 from napari_kaf._marshal import ANNOTATION, ATTENTION, KEYPOINTS, PREDICTION, UNCERTAINTY, layer_kwargs
 from napari_kaf._sample_data import synthetic_volume
 from napari_kaf._settings import APPLICATION, ORGANISATION
@@ -373,7 +373,7 @@ def test_predict_from_a_saved_checkpoint(viewer, make_widget, tmp_path, notifica
     image, _, _ = _add_synthetic(viewer)
     config = preset_config("interactive", classes=3)
     model = KafUNet(config)
-    from kaf.intensity import fit_normalization
+    from kaf.data.intensity import fit_normalization
 
     metadata = CheckpointMetadata(
         preset="interactive",

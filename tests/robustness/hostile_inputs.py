@@ -31,9 +31,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from volume_factory import AFFINE, save_nifti, write_dicom_slice
 
-from kaf.cli import main
-from kaf.default_weights import shipped_checkpoint
-from kaf.sample_data import ring_and_disc
+from kaf.app.cli import main
+from kaf.data.sample_data import ring_and_disc
+from kaf.models.default_weights import shipped_checkpoint
 
 SHAPE_ZYX = (6, 32, 32)
 ANNOTATED = (1, 4)  # the slices the valid sparse labels paint

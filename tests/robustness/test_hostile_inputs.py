@@ -19,7 +19,7 @@ from hostile_inputs import (
     run_kaf,
 )
 
-from kaf.cli import EXIT_USER_ERROR
+from kaf.app.cli import EXIT_USER_ERROR
 
 MINIMUM_CASES = 35
 TABLE = Path(__file__).resolve().parents[2] / "docs" / "ROBUSTNESS.md"

@@ -17,12 +17,12 @@ import torch
 from kaf_process import run_until
 from volume_factory import save_nifti, synthetic_volume
 
-from kaf import checkpoints, volume_io
-from kaf.checkpoints import CheckpointMetadata, load_checkpoint, save_checkpoint
-from kaf.cli import EXIT_CANCELLED
+from kaf.app.cli import EXIT_CANCELLED
+from kaf.data import volume_io
+from kaf.data.volume_io import read_volume, write_volume
 from kaf.jobs.pretrain import read_resume_point
-from kaf.models import KafUNet, ModelConfig, preset_config
-from kaf.volume_io import read_volume, write_volume
+from kaf.models import KafUNet, ModelConfig, checkpoints, preset_config
+from kaf.models.checkpoints import CheckpointMetadata, load_checkpoint, save_checkpoint
 
 SIGNALS = [pytest.param(signal.SIGINT, id="SIGINT"), pytest.param(signal.SIGTERM, id="SIGTERM")]
 KAF = [sys.executable, "-m", "kaf"]
@@ -160,7 +160,7 @@ def test_ctrl_c_while_writing_a_segmentation_keeps_the_previous_one(tmp_path, mo
     affine = np.diag([1.5, 1.5, 4.0, 1.0])
     write_volume(np.ones((4, 8, 8), np.uint8), affine, path)
     previous = path.read_bytes()
-    monkeypatch.setattr(volume_io, "_write_nifti", write_half_then_interrupt(volume_io._write_nifti))
+    monkeypatch.setattr(volume_io, "write_nifti", write_half_then_interrupt(volume_io.write_nifti))
 
     with pytest.raises(KeyboardInterrupt):
         write_volume(np.full((4, 8, 8), 2, np.uint8), affine, path)

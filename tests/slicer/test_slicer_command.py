@@ -16,7 +16,7 @@ from KAFSegmentLib.command import (
     resolve_command,
 )
 
-from kaf.cli import build_parser
+from kaf.app.cli import build_parser
 from kaf.models import PRESETS as CORE_PRESETS
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from kafsegment_testing import NAMES, add_volume, oblique_affine, two_class_labels
 
-from kaf.volume_io import read_volume, write_class_maps, write_volume
+from kaf.data.volume_io import read_volume, write_class_maps, write_volume
 
 pytestmark = pytest.mark.slicer_core
 

@@ -16,7 +16,7 @@ from KAFSegmentLib.volumes import (
     write_nifti,
 )
 
-from kaf.volume_io import read_volume, write_class_maps
+from kaf.data.volume_io import read_volume, write_class_maps
 
 
 @pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, np.float64])

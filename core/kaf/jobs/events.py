@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass
 from typing import TypeVar
 
-from kaf.errors import JobCancelled
+from kaf.runtime.errors import JobCancelled
 
 Result = TypeVar("Result")
 Job = Generator["ProgressEvent", None, Result]

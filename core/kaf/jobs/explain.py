@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from kaf.devices import resolve_device
-from kaf.errors import InputDataError
+from kaf.data.preparation import PreparedVolume
 from kaf.jobs.events import Job, StageClock
 from kaf.models import KafUNet
-from kaf.preparation import PreparedVolume
+from kaf.runtime.devices import resolve_device
+from kaf.runtime.errors import InputDataError
 
 
 @dataclass

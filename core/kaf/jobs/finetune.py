@@ -9,16 +9,21 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
-from kaf.annotation import SparseAnnotation
-from kaf.augment import AugmentationSettings, augment_batch
-from kaf.checkpoints import (
+from kaf.data.annotation import SparseAnnotation
+from kaf.data.augment import AugmentationSettings, augment_batch
+from kaf.data.preparation import PreparedVolume
+from kaf.data.slices import take_slices
+from kaf.jobs.events import CancelToken, Job, StageClock
+from kaf.models import KafUNet, ModelConfig, preset_config
+from kaf.models.checkpoints import (
     CUSTOM_PRESET,
     CheckpointMetadata,
     TransferReport,
     fingerprint_arrays,
     load_weights,
 )
-from kaf.devices import (
+from kaf.models.memory_estimate import training_step_bytes
+from kaf.runtime.devices import (
     autocast,
     check_memory,
     grad_scaler,
@@ -26,12 +31,7 @@ from kaf.devices import (
     out_of_memory_error,
     resolve_device,
 )
-from kaf.errors import InputDataError
-from kaf.jobs.events import CancelToken, Job, StageClock
-from kaf.memory_estimate import training_step_bytes
-from kaf.models import KafUNet, ModelConfig, preset_config
-from kaf.preparation import PreparedVolume
-from kaf.slices import take_slices
+from kaf.runtime.errors import InputDataError
 
 # What KAF transfers from pretraining (METHODS.md A.5); a pretraining checkpoint names its own groups.
 PRETRAINED_GROUPS = ("encoder", "bottleneck")
@@ -261,24 +261,54 @@ def finetune(
     started = time.perf_counter()
     losses = yield from train_on_pool(model, pool, settings, device, generator, clock, cancel)
     model.cpu().eval()
-    metadata = CheckpointMetadata(
-        preset=settings.preset,
-        model=config.to_dict(),
-        method="finetune",
-        label_names=label_names or default_label_names(annotation.classes),
-        normalization=prepared.normalization.to_dict(),
-        keypoints=prepared.keypoint_config.to_dict(),
-        slice_axis=annotation.slice_axis,
-        steps=len(losses),
-        data_fingerprint=fingerprint_arrays(prepared.slices, annotation.labels),
-        extra={
-            "annotated_slices": indices,
-            "finetune": asdict(settings),
-            "pretrained_from": init.metadata.method if init else "random",
-            "scale": prepared.layout.scale,
-        },
+    metadata = finetune_metadata(
+        prepared,
+        config,
+        settings,
+        init,
+        label_names,
+        len(losses),
+        fingerprint_arrays(prepared.slices, annotation.labels),
+        prepared.layout.scale,
+        annotated_slices=indices,
     )
     return FinetuneResult(model, metadata, losses, transfer, time.perf_counter() - started)
+
+
+def finetune_metadata(
+    prepared: PreparedVolume,
+    config: ModelConfig,
+    settings: FinetuneSettings,
+    init: Initialisation | None,
+    label_names: list[str] | None,
+    steps: int,
+    data_fingerprint: str,
+    scale: float,
+    **extra,
+) -> CheckpointMetadata:
+    """The metadata of a fine-tuned model, for both fine-tuning jobs. `prepared`: the (first) training
+    volume, whose normalisation, keypoints and slice axis inference replays; `scale`: the resize factor
+    inference applies; `extra`: what the job adds about its training data."""
+    named_preset = settings.preset != CUSTOM_PRESET and config == preset_config(
+        settings.preset, config.classes
+    )
+    return CheckpointMetadata(
+        preset=settings.preset if named_preset else CUSTOM_PRESET,
+        model=config.to_dict(),
+        method="finetune",
+        label_names=label_names or default_label_names(config.classes),
+        normalization=prepared.normalization.to_dict(),
+        keypoints=prepared.keypoint_config.to_dict(),
+        slice_axis=prepared.slice_axis,
+        steps=steps,
+        data_fingerprint=data_fingerprint,
+        extra={
+            **extra,
+            "finetune": asdict(settings),
+            "pretrained_from": init.metadata.method if init else "random",
+            "scale": scale,
+        },
+    )
 
 
 def default_label_names(classes: int) -> list[str]:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kaf.checkpoints import CUSTOM_PRESET, CheckpointMetadata, fingerprint_arrays
-from kaf.devices import resolve_device
-from kaf.errors import InputDataError
+from kaf.data.keypoints import drop_padding
+from kaf.data.preparation import PreparedVolume
 from kaf.jobs.events import CancelToken, Job, StageClock
 from kaf.jobs.finetune import (
     FinetuneResult,
@@ -28,14 +27,15 @@ from kaf.jobs.finetune import (
     Initialisation,
     SlicePool,
     build_model,
-    default_label_names,
+    finetune_metadata,
     labelled_slices,
     train_on_pool,
 )
 from kaf.jobs.finetune import model_config as preset_model_config
-from kaf.keypoints import drop_padding
-from kaf.models import ModelConfig, preset_config
-from kaf.preparation import PreparedVolume
+from kaf.models import ModelConfig
+from kaf.models.checkpoints import CheckpointMetadata, fingerprint_arrays
+from kaf.runtime.devices import resolve_device
+from kaf.runtime.errors import InputDataError
 
 
 @dataclass
@@ -147,28 +147,18 @@ def _metadata(
 ) -> CheckpointMetadata:
     """Normalisation and keypoints of the first volume (they share modality and keypoint settings); each
     volume was resized by its own scale, so `scale` holds their median for inference to replay."""
-    first = volumes[0].prepared
     scales = [volume.prepared.layout.scale for volume in volumes]
-    named_preset = settings.preset != CUSTOM_PRESET and config == preset_config(
-        settings.preset, config.classes
-    )
     arrays = [array for volume in volumes for array in (volume.prepared.slices, volume.labels)]
-    return CheckpointMetadata(
-        preset=settings.preset if named_preset else CUSTOM_PRESET,
-        model=config.to_dict(),
-        method="finetune",
-        label_names=label_names or default_label_names(config.classes),
-        normalization=first.normalization.to_dict(),
-        keypoints=first.keypoint_config.to_dict(),
-        slice_axis=first.slice_axis,
-        steps=steps,
-        data_fingerprint=fingerprint_arrays(*arrays),
-        extra={
-            "labelled_volumes": [volume.name for volume in volumes],
-            "labelled_slices": [volume.indices() for volume in volumes],
-            "finetune": asdict(settings),
-            "pretrained_from": init.metadata.method if init else "random",
-            "scale": float(np.median(scales)),
-            "scales": scales,
-        },
+    return finetune_metadata(
+        volumes[0].prepared,
+        config,
+        settings,
+        init,
+        label_names,
+        steps,
+        fingerprint_arrays(*arrays),
+        float(np.median(scales)),
+        labelled_volumes=[volume.name for volume in volumes],
+        labelled_slices=[volume.indices() for volume in volumes],
+        scales=scales,
     )

@@ -8,12 +8,12 @@ import numpy as np
 import torch
 from monai.transforms import KeepLargestConnectedComponent
 
-from kaf.devices import autocast, is_out_of_memory, out_of_memory_error, resolve_device
-from kaf.errors import InputDataError
+from kaf.data.preparation import PreparedVolume
+from kaf.data.slices import put_slices
 from kaf.jobs.events import CancelToken, Job, StageClock
 from kaf.models import KafUNet
-from kaf.preparation import PreparedVolume
-from kaf.slices import put_slices
+from kaf.runtime.devices import autocast, is_out_of_memory, out_of_memory_error, resolve_device
+from kaf.runtime.errors import InputDataError
 
 # Slices per forward pass when none is asked for. On the CPU one at a time is fastest per slice (2-core
 # machine, 2026-11-29, batch 1 / 2 / 4: interactive 0.19 / 0.21 / 0.24 s per 256^2 slice, paper-acdc

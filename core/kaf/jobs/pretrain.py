@@ -22,7 +22,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kaf.checkpoints import (
+from kaf.data.keypoints import KeypointConfig
+from kaf.jobs.events import CancelToken, Job, StageClock
+from kaf.jobs.finetune import Initialisation, default_label_names, transfer_groups
+from kaf.models import KafUNet, ModelConfig, preset_config
+from kaf.models.checkpoints import (
     CUSTOM_PRESET,
     CheckpointMetadata,
     in_groups,
@@ -30,7 +34,8 @@ from kaf.checkpoints import (
     load_weights,
     save_checkpoint,
 )
-from kaf.devices import (
+from kaf.models.memory_estimate import training_step_bytes
+from kaf.runtime.devices import (
     autocast,
     check_memory,
     grad_scaler,
@@ -38,12 +43,7 @@ from kaf.devices import (
     out_of_memory_error,
     resolve_device,
 )
-from kaf.errors import CheckpointError, InputDataError, JobCancelled
-from kaf.jobs.events import CancelToken, Job, StageClock
-from kaf.jobs.finetune import Initialisation, default_label_names, transfer_groups
-from kaf.keypoints import KeypointConfig
-from kaf.memory_estimate import training_step_bytes
-from kaf.models import KafUNet, ModelConfig, preset_config
+from kaf.runtime.errors import CheckpointError, InputDataError, JobCancelled
 from kaf.ssl import make_method
 from kaf.ssl.base import Communicator, OptimiserSettings, PretrainMethod, item_generators, to_device
 from kaf.ssl.data import PretrainData

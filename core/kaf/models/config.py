@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from kaf.errors import KafError
+from kaf.runtime.errors import KafError
 
 
 @dataclass(frozen=True)

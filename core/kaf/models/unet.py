@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kaf.errors import InputDataError
 from kaf.models.blocks import double_conv, init_conv_weights
 from kaf.models.config import ModelConfig
 from kaf.models.kaf_layer import KafLayer
+from kaf.runtime.errors import InputDataError
 
 LEVELS = 4
 SIDE_MULTIPLE = 2**LEVELS

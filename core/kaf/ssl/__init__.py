@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-from kaf.errors import KafError
+from kaf.runtime.errors import KafError
 from kaf.ssl.base import PretrainMethod
 
 # name -> (module, class); imported on demand so that choosing one method does not import the others.

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kaf.checkpoints import fingerprint_arrays
-from kaf.errors import InputDataError, KafError
-from kaf.intensity import fit_normalization
-from kaf.keypoints import KeypointConfig, SliceKeypoints, sift_keypoints
-from kaf.slices import scale_for_max_side, take_slices
-from kaf.volume_io import read_volume
+from kaf.data.intensity import fit_normalization
+from kaf.data.keypoints import KeypointConfig, SliceKeypoints, sift_keypoints
+from kaf.data.slices import scale_for_max_side, take_slices
+from kaf.data.volume_io import read_volume
+from kaf.models.checkpoints import fingerprint_arrays
+from kaf.runtime.errors import InputDataError, KafError
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
 

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kaf.errors import KafError
-from kaf.keypoints import drop_padding
+from kaf.data.keypoints import drop_padding
 from kaf.models import KafUNet
+from kaf.runtime.errors import KafError
 from kaf.ssl.base import Communicator, OptimiserSettings, PretrainMethod
 from kaf.ssl.data import PretrainData, UnlabeledVolume
 from kaf.ssl.losses import info_nce, not_self

@@ -19,7 +19,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from kaf.keypoints import used_length
+from kaf.data.keypoints import used_length
 from kaf.models import KafUNet
 from kaf.models.kaf_layer import AttentionBlock, KeypointEncoder, normalise_positions
 from kaf.models.unet import SIDE_MULTIPLE

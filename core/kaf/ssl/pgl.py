@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kaf.checkpoints import in_groups
-from kaf.errors import KafError
-from kaf.keypoints import drop_padding
+from kaf.data.keypoints import drop_padding
 from kaf.models import KafUNet
+from kaf.models.checkpoints import in_groups
 from kaf.models.unet import SIDE_MULTIPLE
+from kaf.runtime.errors import KafError
 from kaf.ssl.base import Communicator, OptimiserSettings, PretrainMethod
 from kaf.ssl.data import PretrainData
 from kaf.ssl.losses import cosine_schedule, normalised_regression

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kaf.keypoints import fallback_lattice
+from kaf.data.keypoints import fallback_lattice
 
 BACKGROUND_ID = -1  # keypoint-id raster background and border (the reference's 0 collides with id 0: E.1)
 

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from kaf import __version__
-from kaf.errors import JobCancelled, KafError
 from kaf.jobs.events import CancelToken, Job, ProgressEvent, drive
 from kaf.models import PRESETS
+from kaf.runtime.errors import JobCancelled, KafError
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
@@ -330,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cancel = CancelToken()
     printer = ProgressPrinter(args.progress)
-    from kaf import commands  # heavy imports (torch, monai) only after argument parsing
+    from kaf.app import commands  # heavy imports (torch, monai) only after argument parsing
 
     command: Callable = getattr(commands, args.command)
     started = time.perf_counter()

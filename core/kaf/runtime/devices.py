@@ -7,8 +7,8 @@ import re
 
 import torch
 
-from kaf.errors import DeviceError
-from kaf.host_memory import available_ram_bytes
+from kaf.runtime.errors import DeviceError
+from kaf.runtime.host_memory import available_ram_bytes
 
 AUTO = "auto"
 CUDA_NAME = re.compile(r"cuda(?::(\d+))?")

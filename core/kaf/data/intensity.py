@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from kaf.errors import CheckpointError, InputDataError
+from kaf.runtime.errors import CheckpointError, InputDataError
 
 MODALITIES = ("mri", "ct")
 STD_FLOOR = 1e-6

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kaf.errors import InputFileError
+from kaf.runtime.errors import InputFileError
 
 COMPOUND_SUFFIXES = (".nii.gz", ".seg.nrrd")
 

@@ -22,9 +22,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import kaf
-from kaf.errors import CheckpointError, KafError
 from kaf.models.config import PRESETS, ModelConfig, preset_config
 from kaf.models.unet import KafUNet
+from kaf.runtime.errors import CheckpointError, KafError
 
 FORMAT_VERSION = 1
 METADATA_KEY = "kaf"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from kaf.checkpoints import CheckpointMetadata, in_groups, load_checkpoint, save_checkpoint
-from kaf.errors import CheckpointError
+from kaf.models.checkpoints import CheckpointMetadata, in_groups, load_checkpoint, save_checkpoint
+from kaf.runtime.errors import CheckpointError
 
 DEFAULT_KEYWORD = "default"
 RANDOM_KEYWORD = "random"  # where a starting checkpoint is asked for: none, random initialisation

@@ -10,8 +10,8 @@ matplotlib.use("Agg")  # files only: the core never opens a window
 import matplotlib.pyplot as plt
 import numpy as np
 
+from kaf.data.volume_io import replace_atomically
 from kaf.jobs.explain import Explanation
-from kaf.volume_io import replace_atomically
 
 
 def save_figure(figure: plt.Figure, path: Path) -> Path:

@@ -16,27 +16,26 @@ from pathlib import Path
 
 import numpy as np
 
-from kaf.annotation import sparse_annotation
-from kaf.atomic import refuse_overwrite, replace_atomically
-from kaf.checkpoints import CUSTOM_PRESET, save_checkpoint
-from kaf.default_weights import RANDOM_KEYWORD
-from kaf.devices import cpu_warning, resolve_device
-from kaf.errors import InputDataError
-from kaf.figures import attention_figure
-from kaf.jobs.explain import explain as explain_job
-from kaf.jobs.finetune import FinetuneSettings
-from kaf.jobs.finetune import finetune as finetune_job
-from kaf.jobs.predict import predict as predict_job
-from kaf.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
-from kaf.slices import take_slices
-from kaf.volume_io import Volume, read_labels, read_volume, write_class_maps, write_labels, write_volume
-from kaf.workflow import (
+from kaf.app.figures import attention_figure
+from kaf.app.workflow import (
+    finetune_volume,
     load_finetuned_model,
     load_initialisation,
     prepare_for_inference,
-    prepare_for_training,
     read_annotation,
 )
+from kaf.data.annotation import sparse_annotation
+from kaf.data.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
+from kaf.data.slices import take_slices
+from kaf.data.volume_io import Volume, read_labels, read_volume, write_class_maps, write_labels, write_volume
+from kaf.jobs.explain import explain as explain_job
+from kaf.jobs.finetune import FinetuneSettings
+from kaf.jobs.predict import predict as predict_job
+from kaf.models.checkpoints import save_checkpoint
+from kaf.models.default_weights import RANDOM_KEYWORD
+from kaf.runtime.atomic import refuse_overwrite, replace_atomically
+from kaf.runtime.devices import cpu_warning, resolve_device
+from kaf.runtime.errors import InputDataError
 
 
 def _settings(args) -> FinetuneSettings:
@@ -70,26 +69,23 @@ def _warn_on_cpu(device_name: str) -> None:
 
 def finetune(args, printer, cancel, run) -> dict:
     refuse_overwrite([args.out], args.force)
-    settings = _settings(args)
     image = read_volume(args.image)
     annotation = read_annotation(
         args.labels, image, args.slice_axis, _int_list(args.annotated_slices, "--annotated-slices")
     )
-    if args.preset == CUSTOM_PRESET and not args.checkpoint:
-        raise InputDataError("--preset custom takes the architecture of --checkpoint: give a checkpoint")
-    init = load_initialisation(args.checkpoint, args.preset) if args.checkpoint else None
-    names = [n.strip() for n in args.label_names.split(",")] if args.label_names else None
-    if names is not None and len(names) != annotation.classes:
-        raise InputDataError(
-            f"--label-names gives {len(names)} names but the labels have {annotation.classes} classes"
-        )
-    architecture = (
-        init.metadata.model_config() if init and settings.preset == CUSTOM_PRESET else settings.preset
+    job = finetune_volume(
+        image,
+        annotation,
+        _settings(args),
+        args.checkpoint,
+        [n.strip() for n in args.label_names.split(",")] if args.label_names else None,
+        modality=args.modality,
+        max_side=args.max_side,
+        # Only once every input has been checked, so that an error message stands alone.
+        on_ready=lambda: _warn_on_cpu(args.device),
+        cancel=cancel,
     )
-    prepared = prepare_for_training(image, architecture, args.slice_axis, args.modality, args.max_side)
-    # Only once every input has been checked, so that an error message stands alone.
-    _warn_on_cpu(args.device)
-    result = run(finetune_job(prepared, annotation, settings, init, names, cancel), printer)
+    result = run(job, printer).result
     save_checkpoint(args.out, result.model.state_dict(), result.metadata)
     summary = {
         "checkpoint": str(args.out),
@@ -104,8 +100,8 @@ def finetune(args, printer, cancel, run) -> dict:
 
 
 def pretrain(args, printer, cancel, run) -> dict:
+    from kaf.data.keypoints import KeypointConfig
     from kaf.jobs import pretrain as engine
-    from kaf.keypoints import KeypointConfig
     from kaf.ssl.data import load_pretrain_data
 
     if args.resume is None or Path(args.resume).resolve() != Path(args.out).resolve():
@@ -245,7 +241,7 @@ def explain(args, printer, cancel, run) -> dict:
 
 def demo(args, printer, cancel, run) -> dict:
     """The whole annotator's loop on one volume, scored against its reference labels."""
-    from kaf.sample_data import mni152_with_tissue_labels
+    from kaf.data.sample_data import mni152_with_tissue_labels
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,12 +261,12 @@ def demo(args, printer, cancel, run) -> dict:
     sparse = np.zeros_like(reference)
     sparse[annotated] = reference[annotated]
     annotation = sparse_annotation(sparse, 0, annotated, classes)
-    settings = _settings(args)
     _warn_on_cpu(args.device)
-    random_init = args.checkpoint == RANDOM_KEYWORD
-    init = None if random_init else load_initialisation(args.checkpoint, settings.preset)
-    prepared = prepare_for_training(image, settings.preset)
-    result = run(finetune_job(prepared, annotation, settings, init, names, cancel), printer)
+    checkpoint = None if args.checkpoint == RANDOM_KEYWORD else args.checkpoint
+    trained = run(
+        finetune_volume(image, annotation, _settings(args), checkpoint, names, cancel=cancel), printer
+    )
+    result, prepared = trained.result, trained.prepared
     prediction = run(predict_job(result.model, prepared, args.device, 4, cancel), printer)
     mean_dice, per_class = dice_on_unannotated(prediction.labels, reference, annotated, classes)
     copy_dice, _ = dice_on_unannotated(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kaf.volume_io import Volume
+from kaf.data.volume_io import Volume
 
 MNI152_LABEL_NAMES = ["background", "grey matter", "white matter"]
 

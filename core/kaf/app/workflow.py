@@ -1,29 +1,39 @@
 """The steps every front-end chains together: read files, prepare, fine-tune, predict, explain.
 
 These functions turn file paths and checkpoints into the objects the jobs take, so the CLI, napari
-and Slicer share one way of doing it.
+and Slicer share one way of doing it. `finetune_volume` is the whole fine-tuning of one volume, with
+its rules (the custom preset, label names, the starting checkpoint) in one place.
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from kaf.annotation import SparseAnnotation, sparse_annotation
-from kaf.checkpoints import CheckpointMetadata, check_compatible, load_checkpoint, model_with_weights
-from kaf.default_weights import resolve_checkpoint
-from kaf.errors import CheckpointError
-from kaf.intensity import IntensityNormalization, fit_normalization
+from kaf.data.annotation import SparseAnnotation, sparse_annotation
+from kaf.data.intensity import IntensityNormalization, fit_normalization
+from kaf.data.keypoints import KeypointConfig
+from kaf.data.preparation import PreparedVolume
+from kaf.data.slices import scale_for_max_side
+from kaf.data.volume_io import Volume, read_labels, read_volume
 from kaf.jobs.events import CancelToken, Job
-from kaf.jobs.finetune import Initialisation
+from kaf.jobs.finetune import FinetuneResult, FinetuneSettings, Initialisation, finetune
 from kaf.jobs.pretrain import PretrainSettings, pretrain
-from kaf.keypoints import KeypointConfig
 from kaf.models import KafUNet, ModelConfig, preset_config
-from kaf.preparation import PreparedVolume
-from kaf.slices import scale_for_max_side
+from kaf.models.checkpoints import (
+    CUSTOM_PRESET,
+    CheckpointMetadata,
+    check_compatible,
+    load_checkpoint,
+    model_with_weights,
+)
+from kaf.models.default_weights import resolve_checkpoint
+from kaf.runtime.errors import CheckpointError, InputDataError
 from kaf.ssl.data import volumes_from_arrays
-from kaf.volume_io import Volume, read_labels, read_volume
 
 
 def prepare_for_training(
@@ -122,3 +132,65 @@ def adapt_to_image(
     out = Path(work_dir) / "adapted.safetensors"
     yield from pretrain(data, settings, out, cancel=cancel, start=init)
     return load_initialisation(out, preset)
+
+
+def initialise(checkpoint: str | Path | None, preset: str) -> Initialisation | None:
+    """The weights to fine-tune from: a checkpoint file, 'default' for the shipped one, or None for random
+    initialisation, which preset "custom" cannot have: it takes its architecture from the checkpoint."""
+    if checkpoint is not None:
+        return load_initialisation(checkpoint, preset)
+    if preset == CUSTOM_PRESET:
+        raise InputDataError(
+            "The preset 'custom' takes its architecture from the checkpoint fine-tuning starts from: "
+            "give a checkpoint."
+        )
+    return None
+
+
+def checked_label_names(names: Sequence[str] | None, classes: int) -> list[str] | None:
+    """The class names to store in the model, one per class and background first; None: numbered."""
+    if names is None:
+        return None
+    if len(names) != classes:
+        raise InputDataError(f"{len(names)} label names were given but the labels have {classes} classes")
+    return list(names)
+
+
+@dataclass
+class TrainedModel:
+    result: FinetuneResult
+    prepared: PreparedVolume  # the image as the model saw it; prediction and explanation reuse it
+
+
+def finetune_volume(
+    image: Volume,
+    annotation: SparseAnnotation,
+    settings: FinetuneSettings,
+    checkpoint: str | Path | None = None,
+    label_names: Sequence[str] | None = None,
+    *,
+    modality: str = "auto",
+    max_side: int | None = None,
+    adapt_seconds: float | None = None,
+    on_ready: Callable[[], None] | None = None,
+    cancel: CancelToken | None = None,
+) -> Job[TrainedModel]:
+    """Fine-tune a model on the annotated slices of `image`: start from `checkpoint` (see `initialise`),
+    prepare the image for the model, then train. With `adapt_seconds`, the starting weights are first
+    adapted to this image by a short self-supervised KAF pretraining on it (no labels used).
+    `on_ready` runs once every input has been checked, before any training starts."""
+    cancel = cancel or CancelToken()
+    init = initialise(checkpoint, settings.preset)
+    names = checked_label_names(label_names, annotation.classes)
+    cancel.raise_if_cancelled("fine-tuning")
+    architecture = init.metadata.model_config() if settings.preset == CUSTOM_PRESET else settings.preset
+    prepared = prepare_for_training(image, architecture, annotation.slice_axis, modality, max_side)
+    if on_ready is not None:
+        on_ready()
+    if adapt_seconds:
+        with tempfile.TemporaryDirectory(prefix="kaf-adapt-") as work_dir:
+            init = yield from adapt_to_image(
+                prepared, settings.preset, init, adapt_seconds, work_dir, settings.device, cancel
+            )
+    result = yield from finetune(prepared, annotation, settings, init, names, cancel)
+    return TrainedModel(result, prepared)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kaf.intensity import IntensityNormalization
-from kaf.keypoints import (
+from kaf.data.intensity import IntensityNormalization
+from kaf.data.keypoints import (
     KeypointBatch,
     KeypointConfig,
     SliceKeypoints,
@@ -22,7 +22,7 @@ from kaf.keypoints import (
     pad_keypoints,
     transform_slice_keypoints,
 )
-from kaf.slices import SliceLayout, take_slices
+from kaf.data.slices import SliceLayout, take_slices
 
 
 @dataclass

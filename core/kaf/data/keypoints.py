@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import torch
 
-from kaf.errors import InputDataError, KafError
+from kaf.runtime.errors import InputDataError, KafError
 
 DESCRIPTOR_SIZE = 128
 NUM_LEVELS = 4

@@ -9,7 +9,7 @@ import torch
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 
-from kaf.slices import put_slices, take_slices
+from kaf.data.slices import put_slices, take_slices
 
 
 def dice_per_class(prediction: np.ndarray, reference: np.ndarray, classes: int) -> np.ndarray:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kaf.errors import InputDataError
-from kaf.slices import take_slices
+from kaf.data.slices import take_slices
+from kaf.runtime.errors import InputDataError
 
 # Predictions are written as 16-bit label maps (kaf.jobs.predict), so labels run from 0 to 65535 at most.
 MAX_CLASSES = 2**16
