@@ -135,12 +135,11 @@ def keypoint_table(
 
 
 def keypoint_size(image: ImageRef, slice_axis: int) -> float:
-    """Marker diameter in world units: a fixed share of the slice's shorter side, at least one pixel, so
-    a hundred markers cover a small image as little as a large one."""
-    in_plane = [axis for axis in range(3) if axis != slice_axis]
-    spacing = [float(image.grid["scale"][-3:][axis]) for axis in in_plane]
-    side = min(image.shape[axis] * spacing[i] for i, axis in enumerate(in_plane))
-    return max(min(spacing), side * KEYPOINT_SIDE_FRACTION)
+    """Marker diameter in data pixels (napari sizes points in the layer's data units): a fixed share of
+    the slice's shorter side, at least one pixel, so a hundred markers cover a small image as little as
+    a large one."""
+    side = min(image.shape[axis] for axis in range(3) if axis != slice_axis)
+    return max(1.0, side * KEYPOINT_SIDE_FRACTION)
 
 
 def out_of_slice_kwargs() -> dict[str, Any]:

@@ -324,7 +324,7 @@ def test_whole_loop_by_clicks(painted, user, qtbot, tmp_path, monkeypatch, notif
     np.testing.assert_array_equal(points.features["index"], np.arange(len(points.data)))
     np.testing.assert_allclose(points.scale, image.scale)
     assert points.projection_mode == "rescale_linear"  # napari 0.9's name for out_of_slice_display=True
-    assert points.size[0] == pytest.approx(1.0)  # 64 x 64 slices at 1 mm: 1/80 of a side, at least 1 pixel
+    assert points.size[0] == pytest.approx(1.0)  # 64 x 64 slices: 1/80 of a side, but at least 1 pixel
     assert points.opacity == KEYPOINT_OPACITY and ATTENTION not in viewer.layers
 
     # Choosing a keypoint shows its attention map with a colour bar; the markers fade over it.
@@ -483,12 +483,12 @@ def test_keypoint_markers_scale_with_the_image():
     from napari_kaf._controller import ImageRef
     from napari_kaf._layers import keypoint_size
 
-    def size(shape, scale):
-        return keypoint_size(ImageRef(("image", 0), shape, {"scale": scale, "translate": (0, 0, 0)}), 0)
+    def size(shape):
+        return keypoint_size(ImageRef(("image", 0), shape, {"scale": (3.0, 0.5, 0.5)}), 0)
 
-    assert size((10, 256, 320), (3.0, 0.5, 0.5)) == pytest.approx(256 * 0.5 / 80)
-    assert size((10, 512, 512), (3.0, 0.5, 0.5)) == pytest.approx(2 * size((10, 256, 256), (3.0, 0.5, 0.5)))
-    assert size((10, 32, 32), (3.0, 2.0, 2.0)) == 2.0  # never below one pixel
+    assert size((10, 256, 320)) == pytest.approx(256 / 80)
+    assert size((10, 512, 512)) == pytest.approx(2 * size((10, 256, 256)))
+    assert size((10, 32, 32)) == 1.0  # never below one pixel
 
 
 def test_full_labelling_is_every_slice_painted():
