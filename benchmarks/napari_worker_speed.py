@@ -56,22 +56,25 @@ def run_direct(image, annotation, settings) -> tuple[float, float]:
 
 
 def run_worker(widget, settings) -> tuple[float, float]:
+    from qtpy.QtCore import QEventLoop
+
+    from napari_kaf._panel import select_data
+
     widget.steps_spin.setValue(settings.steps)
     widget.batch_spin.setValue(settings.batch_size)
     widget.crop_spin.setValue(settings.crop_size)
     widget.predict_after_check.setChecked(False)
-    widget._select_data(widget.device_combo, settings.device)
-    widget._model = None
-    from qtpy.QtCore import QEventLoop
-
+    select_data(widget.device_combo, settings.device)
+    widget.controller.model = None
     loop = QEventLoop()
     start, cpu = time.perf_counter(), time.process_time()
     if not widget.start_finetune():
         raise SystemExit(f"the widget refused to fine-tune: {widget.status_label.text()}")
-    widget._worker.finished.connect(loop.quit)  # after the widget's own handler, connected first
+    # After the widget's own handler, connected first: the job has ended when the controller is idle.
+    widget.controller.busy_changed.connect(lambda busy: None if busy else loop.quit())
     loop.exec()  # the Qt event loop runs while the worker trains, as in napari
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-    if widget._model is None:
+    if widget.controller.model is None:
         raise SystemExit(f"fine-tuning in the widget failed: {widget.status_label.text()}")
     return seconds, cpu_seconds
 
@@ -128,7 +131,8 @@ def main() -> None:
     widget = KafWidget(viewer)
     if args.viewer:
         viewer.window.add_dock_widget(widget, name="KAF Segment")
-    widget.new_annotation_layer(layer)
+    widget.image_combo.setCurrentText(layer.name)
+    widget.new_annotation_layer()
     viewer.layers["kaf:annotation"].data[:] = sparse
 
     print(

@@ -2,9 +2,10 @@
 
     xvfb-run -a -s "-screen 0 1600x1200x24" python docs/make_screenshots.py [--steps 150]
 
-It opens the plugin's MNI152 sample, paints two axial slices from the reference tissue labels (what an
-annotator would paint), fine-tunes with the widget, predicts, goes to the suggested next slice, and shows
-the keypoints and one keypoint's attention. It writes napari_finetune.png (training in progress),
+It opens the plugin's MNI152 sample, clicks New and paints two axial slices from the reference tissue
+labels (what an annotator would paint), then clicks through the widget as a user would: Fine-tune (which
+predicts when done), Next slice, Show uncertainty, Show keypoints, and a click on the strongest keypoint.
+It writes napari_finetune.png (training in progress),
 napari_predict.png (prediction and uncertainty) and napari_inspect.png (keypoints and attention).
 """
 
@@ -53,39 +54,58 @@ def main() -> None:
             time.sleep(0.01)
 
     def wait_idle() -> None:
-        while widget.busy or widget._follow_up is not None:
+        while widget.controller.busy:
             pump(0.1)
 
-    # Paint two axial slices, as an annotator would, from the reference tissue labels.
-    annotation = widget.new_annotation_layer()
+    def click(control) -> None:
+        QTest.mouseClick(control, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, QPoint(6, 8))
+        pump(0.1)
+
+    def type_value(spin, value: int) -> None:
+        spin.setFocus()
+        QTest.keyClick(spin, Qt.Key.Key_A, Qt.KeyboardModifier.ControlModifier)
+        QTest.keyClicks(spin, str(value))
+        QTest.keyClick(spin, Qt.Key.Key_Return)
+
+    def choose(combo, text: str) -> None:
+        combo.setFocus()
+        QTest.keyClick(combo, Qt.Key.Key_Home)
+        while combo.currentText() != text:
+            QTest.keyClick(combo, Qt.Key.Key_Down)
+
+    # New annotation layer, then paint two axial slices, as an annotator would, from the reference.
+    pump()
+    click(widget.new_annotation_button)
+    annotation = viewer.layers[widget.annotation_combo.currentText()]
     painted = (38, 58)
     for z in painted:
         rows, cols = np.nonzero(np.ones(reference.data.shape[1:], dtype=bool))
         annotation.data_setitem((np.full(rows.size, z), rows, cols), reference.data[z][rows, cols])
     _camera(viewer).orientation2d = ("up", "right")  # anterior at the top, as axial slices are shown
     viewer.dims.set_point(0, image.data_to_world((painted[0], 0, 0))[0])
-    widget.steps_spin.setValue(args.steps)
-    widget._select_data(widget.device_combo, "cpu")
-    widget.predict_after_check.setChecked(True)
-    widget.uncertainty_check.setChecked(True)
+    type_value(widget.steps_spin, args.steps)
+    choose(widget.device_combo, widget.device_combo.itemText(widget.device_combo.findData("cpu")))
+    if not widget.predict_after_check.isChecked():
+        click(widget.predict_after_check)
     pump()
 
-    widget.finetune_button.click()
-    while widget.last_event is None or widget.last_event.stage != "finetune" or widget.last_event.step < 12:
+    click(widget.finetune_button)
+    last = lambda: widget.controller.last_event  # noqa: E731
+    while last() is None or last().stage != "finetune" or last().step < 12:
         pump(0.1)
     pump(0.5)
     viewer.screenshot(str(args.out / "napari_finetune.png"), canvas_only=False)
     wait_idle()
 
-    index = widget.go_to_next_slice()
-    viewer.layers["MNI152 T1 reference labels"].visible = False
+    click(widget.next_slice_button)
+    click(widget.uncertainty_check)  # off by default; shown here to document it, under the prediction
     pump()
     viewer.screenshot(str(args.out / "napari_predict.png"), canvas_only=False)
 
-    viewer.layers["kaf:uncertainty"].visible = False
+    click(widget.uncertainty_check)
     viewer.layers["kaf:prediction"].visible = False
-    viewer.layers["kaf:annotation"].visible = False
-    widget.keypoints_button.click()
+    annotation.visible = False
+    click(widget.keypoints_button)
     wait_idle()
     points = viewer.layers["kaf:keypoints"]
     viewer.reset_view()
@@ -104,8 +124,9 @@ def main() -> None:
         pump(0.1)
     pump(0.5)
     viewer.screenshot(str(args.out / "napari_inspect.png"), canvas_only=False)
+    suggested = round(image.world_to_data(viewer.dims.point)[0])
     print(
-        f"screenshots written to {args.out}; next slice suggested: {index}; "
+        f"screenshots written to {args.out}; next slice suggested: {suggested}; "
         f"keypoint clicked: {widget.keypoint_spin.value()}"
     )
     viewer.close()

@@ -23,7 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "adapt_seconds": 60,
     "predict_after": True,
     "all_slices": False,
-    "show_uncertainty": True,
+    "show_uncertainty": False,  # it washes out image and prediction; shown on demand
     "level": 1,
     "head": 0,
 }

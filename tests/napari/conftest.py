@@ -98,6 +98,50 @@ def wait_idle(qtbot):
     """Wait until the widget's job (and the prediction that may follow a fine-tune) has ended."""
 
     def wait(widget, timeout: int = 300_000) -> None:  # generous: CI machines may be shared and slow
-        qtbot.waitUntil(lambda: not widget.busy and widget._follow_up is None, timeout=timeout)
+        qtbot.waitUntil(lambda: not widget.controller.busy, timeout=timeout)
 
     return wait
+
+
+class UserInput:
+    """Real Qt input on the controls a user sees: mouse clicks on buttons and check boxes, keys on menus
+    and spin boxes (no method calls, no `setValue`)."""
+
+    def __init__(self, qtbot) -> None:
+        self.qtbot = qtbot
+
+    def click(self, widget) -> None:
+        from qtpy.QtCore import QPoint, Qt
+
+        assert widget.isVisible() and widget.isEnabled(), f"{widget.text()!r} is not there to click"
+        # At the left end: a check box reacts to its indicator and text, not to the blank space after.
+        self.qtbot.mouseClick(widget, Qt.MouseButton.LeftButton, pos=QPoint(6, widget.height() // 2))
+
+    def choose(self, combo, text: str) -> None:
+        """Pick the entry `text` of a menu with the keyboard: Home, then Down until it is chosen."""
+        from qtpy.QtCore import Qt
+
+        assert combo.isVisible() and combo.findText(text) >= 0, f"{text!r} is not in the menu"
+        combo.setFocus()
+        self.qtbot.keyClick(combo, Qt.Key.Key_Home)
+        for _ in range(combo.count()):
+            if combo.currentText() == text:
+                return
+            self.qtbot.keyClick(combo, Qt.Key.Key_Down)
+        assert combo.currentText() == text
+
+    def type_value(self, spin, value: int) -> None:
+        """Select the spin box's text, type `value` and press Enter."""
+        from qtpy.QtCore import Qt
+
+        assert spin.isVisible() and spin.isEnabled()
+        spin.setFocus()
+        self.qtbot.keyClick(spin, Qt.Key.Key_A, Qt.KeyboardModifier.ControlModifier)
+        self.qtbot.keyClicks(spin, str(value))
+        self.qtbot.keyClick(spin, Qt.Key.Key_Return)
+        assert spin.value() == value, f"typed {value}, the spin box holds {spin.value()}"
+
+
+@pytest.fixture
+def user(qtbot) -> UserInput:
+    return UserInput(qtbot)

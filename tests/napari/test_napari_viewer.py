@@ -3,17 +3,21 @@ whole loop on a real MRI, and screenshots prove the overlays are drawn. Run unde
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 pytest.importorskip("napari", reason="napari is not installed: pip install -e '.[test,napari]'")
 
 from napari_kaf._marshal import ANNOTATION, ATTENTION, KEYPOINTS, PREDICTION, UNCERTAINTY, layer_kwargs
+from napari_kaf._panel import NEW_ANNOTATION
+from napari_kaf._slices import current_slice
 from napari_kaf._widget import KafWidget
 
 pytestmark = pytest.mark.gui
 PAINTED = (2, 7)
-INSPECTED = 5  # an unpainted slice between the two painted ones
+SHOTS = Path("/tmp/napari_shots")
 
 
 def _camera(viewer):
@@ -61,73 +65,114 @@ def _click(viewer, qtbot, x: int, y: int) -> None:
 
 
 @pytest.fixture
-def mri_viewer(make_napari_viewer, mni_crop, notifications):
-    """A real viewer holding 10 slices of the MNI152 T1 MRI, the widget docked through the plugin manager,
-    and two slices painted from the reference tissue labels (what an annotator would paint)."""
+def mri_viewer(make_napari_viewer, mni_crop, notifications, user, qtbot):
+    """A real viewer holding 10 slices of the MNI152 T1 MRI and the widget docked through the plugin
+    manager, its settings typed in: 8 steps from random initialisation on the CPU."""
     volume, labels, _names = mni_crop
     viewer = make_napari_viewer(show=True)  # shown, so that clicks on the canvas reach napari
     viewer.window.resize(1200, 800)
     image = viewer.add_image(volume.array, **layer_kwargs(volume, "MNI152 T1"))
     widget = _open_widget(viewer)
-    annotation = widget.new_annotation_layer()
-    for z in PAINTED:
-        rows, cols = np.nonzero(np.ones(labels.shape[1:], dtype=bool))
-        annotation.data_setitem((np.full(rows.size, z), rows, cols), labels[z][rows, cols])
+    qtbot.waitUntil(widget.isVisible)
     # Random initialisation: this test is about the viewer loop. From the shipped default checkpoint
     # (tested in tests/core/test_default_weights.py) 8 steps leave this crop's brain at 0.63 Dice.
-    widget._select_data(widget.checkpoint_combo, "random")
-    widget.steps_spin.setValue(8)
-    widget.batch_spin.setValue(2)
-    widget.crop_spin.setValue(64)
-    widget._select_data(widget.device_combo, "cpu")
+    user.choose(widget.checkpoint_combo, "Random initialisation")
+    user.type_value(widget.steps_spin, 8)
+    user.type_value(widget.batch_spin, 2)
+    user.type_value(widget.crop_spin, 64)
+    user.choose(widget.device_combo, widget.device_combo.itemText(widget.device_combo.findData("cpu")))
     return viewer, widget, image, labels
 
 
-def test_widget_is_listed_and_opens_through_the_plugin_manager(make_napari_viewer):
-    viewer = make_napari_viewer()
-    assert "KAF Segment (KAF Segment)" in _menu_texts(viewer.window.plugins_menu)
-    widget = _open_widget(viewer)
-    assert widget.image_combo.count() == 0
-    viewer.open_sample("napari-kaf", "synthetic")
-    assert widget.image_combo.currentText() == "Synthetic ring"
+def _screen(viewer, qtbot) -> np.ndarray:
+    qtbot.wait(50)  # let the canvas draw what changed
+    return viewer.screenshot(canvas_only=True)
 
 
-def test_whole_loop_on_a_real_mri(mri_viewer, qtbot, notifications, wait_idle):
+def _press(viewer, qtbot, key) -> None:
+    """A Shift+key press on the canvas, as a user types it."""
+    from qtpy.QtCore import Qt
+
+    canvas = viewer.window._qt_viewer.canvas.native
+    canvas.setFocus()
+    qtbot.keyClick(canvas, key, Qt.KeyboardModifier.ShiftModifier)
+
+
+def test_the_loop_clicked_through_on_a_real_mri(mri_viewer, qtbot, user, notifications, wait_idle):
+    from qtpy.QtCore import Qt
+
     viewer, widget, image, labels = mri_viewer
-    qtbot.mouseClick(widget.finetune_button, _left())
-    assert widget.finetune_button.text() == "Stop"
+    assert widget.annotation_combo.currentText() == NEW_ANNOTATION
+
+    # New, then paint two slices (as an annotator would, from the reference tissue labels).
+    user.click(widget.new_annotation_button)
+    annotation = viewer.layers[ANNOTATION]
+    assert annotation.mode == "paint" and not annotation.data.any()
+    for z in PAINTED:
+        rows, cols = np.nonzero(np.ones(labels.shape[1:], dtype=bool))
+        annotation.data_setitem((np.full(rows.size, z), rows, cols), labels[z][rows, cols])
+
+    # Fine-tune, Stop in mid-run: nothing is kept and the viewer goes on working.
+    user.type_value(widget.steps_spin, 10_000)
+    user.click(widget.finetune_button)
+    assert widget.finetune_button.text() == "Stop" and not widget.predict_button.isEnabled()
+    controller = widget.controller
+    qtbot.waitUntil(
+        lambda: controller.last_event is not None and controller.last_event.stage == "finetune",
+        timeout=180_000,
+    )
+    user.click(widget.finetune_button)
+    wait_idle(widget, timeout=120_000)
+    assert controller.model is None and PREDICTION not in viewer.layers
+    assert widget.finetune_button.text() == "Fine-tune" and "Stopped" in widget.status_label.text()
+    assert _screen(viewer, qtbot).std() > 0
+
+    # Fine-tune again, to the end: the prediction found the brain and both tissues on unpainted slices.
+    user.type_value(widget.steps_spin, 8)
+    user.click(widget.finetune_button)
     wait_idle(widget)
     assert not [m for s, m in notifications if s == "error"], notifications
-
-    # The prediction: the volume's shape, and it found the brain and both tissues on unpainted slices.
-    prediction = viewer.layers[PREDICTION].data
-    assert prediction.shape == image.data.shape == labels.shape
+    prediction = viewer.layers[PREDICTION]
+    assert prediction.data.shape == image.data.shape == labels.shape
     unpainted = [z for z in range(labels.shape[0]) if z not in PAINTED]
-    predicted, reference = prediction[unpainted], labels[unpainted]
+    predicted, reference = prediction.data[unpainted], labels[unpainted]
     brain, true_brain = predicted > 0, reference > 0
     assert 2 * (brain & true_brain).sum() / (brain.sum() + true_brain.sum()) > 0.85
     assert (predicted == reference).mean() > (reference == 0).mean() + 0.1  # beats "all background"
     assert set(np.unique(predicted)) == {0, 1, 2}
-    assert viewer.layers[UNCERTAINTY].data.shape == labels.shape
+    assert not viewer.layers[UNCERTAINTY].visible
 
-    # Keypoints of an unpainted slice.
-    viewer.dims.set_point(0, image.data_to_world((INSPECTED, 0, 0))[0])
-    viewer.layers[UNCERTAINTY].visible = False
-    qtbot.mouseClick(widget.keypoints_button, _left())
+    # Shift+S hides the prediction on screen, and shows it again.
+    shown = _screen(viewer, qtbot)
+    _press(viewer, qtbot, Qt.Key.Key_S)
+    assert not prediction.visible
+    hidden = _screen(viewer, qtbot)
+    assert np.abs(shown[..., :3].astype(int) - hidden[..., :3]).sum(-1).mean() > 1
+    _press(viewer, qtbot, Qt.Key.Key_S)
+    assert prediction.visible
+
+    # Next slice, then Accept there.
+    user.click(widget.next_slice_button)
+    index = current_slice(viewer, image, 0)
+    assert index not in PAINTED
+    user.click(widget.accept_button)
+    np.testing.assert_array_equal(annotation.data[index], prediction.data[index])
+
+    # Keypoints of that slice.
+    prediction.visible = False
+    annotation.visible = False
+    user.click(widget.keypoints_button)
     wait_idle(widget)
     points = viewer.layers[KEYPOINTS]
     assert points.ndim == 3 and len(points.data) >= 16
-    np.testing.assert_array_equal(points.data[:, 0], INSPECTED)
-    assert {"score", "index", "level"} <= set(points.features.columns)
+    np.testing.assert_array_equal(points.data[:, 0], index)
     assert ATTENTION not in viewer.layers
 
-    # Click the strongest keypoint on the canvas: its attention map appears and is drawn there.
+    # Click the strongest keypoint on the canvas: its attention map appears, drawn there.
     viewer.reset_view()
-    before = viewer.screenshot(canvas_only=True)
-    chosen = 0
-    world = np.asarray(points.data_to_world(points.data[chosen]))
-    x, y = _canvas_pixel(viewer, world[1:], before.shape)
-    _click(viewer, qtbot, x, y)
+    before = _screen(viewer, qtbot)
+    world = np.asarray(points.data_to_world(points.data[0]))
+    _click(viewer, qtbot, *_canvas_pixel(viewer, world[1:], before.shape))
     qtbot.waitUntil(lambda: ATTENTION in viewer.layers, timeout=60_000)
     selected = widget.keypoint_spin.value()
     assert selected >= 0 and selected in points.selected_data
@@ -135,47 +180,21 @@ def test_whole_loop_on_a_real_mri(mri_viewer, qtbot, notifications, wait_idle):
     assert np.hypot(*(picked[1:] - world[1:])) < 3 * image.scale[-1]  # the click hit (a neighbour of) it
     attention = viewer.layers[ATTENTION]
     np.testing.assert_allclose(attention.scale, image.scale)
-    np.testing.assert_allclose(attention.translate, image.translate)
-    after = viewer.screenshot(canvas_only=True)
+    assert attention.colorbar.visible and points.opacity < 1
+    after = _screen(viewer, qtbot)
+    assert attention.data[index][round(points.data[selected][1]), round(points.data[selected][2])] > 0.3
     x, y = _canvas_pixel(viewer, picked[1:], after.shape)
-    assert attention.data[INSPECTED][round(points.data[selected][1]), round(points.data[selected][2])] > 0.3
     assert _change(before, after, x, y) > 30, "the attention overlay is not drawn near the keypoint"
-    peak = np.unravel_index(np.argmax(attention.data[INSPECTED]), attention.data.shape[1:])
-    peak_world = attention.data_to_world((INSPECTED, *peak))
-    assert _change(before, after, *_canvas_pixel(viewer, peak_world[1:], after.shape)) > 30
 
-    # A head change updates the drawn map in place.
-    widget.head_spin.setValue(1)
-    qtbot.waitUntil(lambda: attention.metadata["head"] == 1, timeout=60_000)
-    assert viewer.layers[ATTENTION] is attention
-
-
-def test_stop_midway_keeps_the_viewer_usable(mri_viewer, qtbot, notifications, wait_idle):
-    viewer, widget, image, _labels = mri_viewer
-    widget.steps_spin.setValue(10_000)
-    qtbot.mouseClick(widget.finetune_button, _left())
-    assert not widget.predict_button.isEnabled()
-    qtbot.waitUntil(
-        lambda: widget.last_event is not None and widget.last_event.stage == "finetune", timeout=180_000
-    )
-    qtbot.mouseClick(widget.finetune_button, _left())  # Stop
-    wait_idle(widget, timeout=120_000)
-    assert widget._model is None and PREDICTION not in viewer.layers
-    assert widget.finetune_button.text() == "Fine-tune" and widget.predict_button.isEnabled()
-    assert any("stopped" in message for _, message in notifications)
-    assert not [m for s, m in notifications if s == "error"]
-
-    # The viewer still works: move through slices, paint, add a layer, draw.
-    viewer.dims.set_point(0, image.data_to_world((4, 0, 0))[0])
-    viewer.layers[ANNOTATION].data_setitem((np.array([4]), np.array([50]), np.array([50])), 1)
-    viewer.add_points(np.array([[4.0, 50.0, 50.0]]), name="after stop")
-    assert viewer.screenshot(canvas_only=True).std() > 0
-
-
-def _left():
-    from qtpy.QtCore import Qt
-
-    return Qt.MouseButton.LeftButton
+    # Another level: the map is recomputed in place, the screen changes, the features follow.
+    user.choose(widget.level_combo, "level 2")
+    qtbot.waitUntil(lambda: attention.metadata["level"] == 2, timeout=60_000)
+    assert viewer.layers[ATTENTION] is attention and (points.features["level"] == 2).all()
+    level_two = _screen(viewer, qtbot)
+    assert np.abs(level_two[..., :3].astype(int) - after[..., :3]).sum(-1).mean() > 0.5
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(SHOTS / "clicked_loop.png"), canvas_only=False)
+    assert not [m for s, m in notifications if s == "error"], notifications
 
 
 def test_demo_outputs_open_in_napari_with_the_widget(tmp_path, monkeypatch, plugins, make_napari_viewer):
