@@ -3,6 +3,7 @@ the model's keypoints and attention. The work is done by the `kaf` command line,
 
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +52,11 @@ Image Segmentation with Limited Annotation, NeurIPS 2023.
 """
 
 
+def slicer_pip_command() -> list[str]:
+    """pip of Slicer's Python, run as a child process like slicer.util.pip_install does."""
+    return [shutil.which("PythonSlicer") or sys.executable, "-m", "pip"]
+
+
 def external_python_setting() -> str:
     return slicer.util.settingsValue(EXTERNAL_PYTHON_SETTING, "") or ""
 
@@ -88,6 +94,10 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.message.connect(self.showStatus)
         self.logic.warning.connect(self.onWarning)
         self.logic.finished.connect(self.onJobFinished)
+        self.installer = install.PipInstall(slicer_pip_command(), QProcessRunner)
+        self.installer.step.connect(self.onInstallStep)
+        self.installer.line.connect(self.showStatus)
+        self.installer.finished.connect(self.onInstallFinished)
 
         self.ui.externalPythonPathLineEdit.currentPath = external_python_setting()
 
@@ -114,7 +124,8 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
-        self.logic.stop()  # a module reload or application exit must not leave kaf running
+        self.logic.stop()  # a module reload or application exit must not leave kaf or pip running
+        self.installer.stop()
 
     def enter(self):
         self.initializeParameterNode()
@@ -257,6 +268,7 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onStop(self):
         self.logic.stop()
+        self.installer.stop()
 
     def onExternalPythonChanged(self, path):
         # An application setting, not a scene parameter: it names a Python on this computer.
@@ -264,14 +276,24 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.use_external_python(path)
 
     def onInstallDependencies(self):
-        with slicer.util.tryWithErrorDisplay("Installing the dependencies failed.", waitCursor=True):
-            self.showStatus("Installing; this can take minutes…")
-            installed = install.install_all(
-                Path(self.resourcePath("requirements.txt")),
-                external_python=bool(self.ui.externalPythonPathLineEdit.currentPath),
-                project_source=self.ui.projectPathLineEdit.currentPath,
+        with slicer.util.tryWithErrorDisplay("Installing the dependencies failed."):
+            self.installer.start(
+                install.install_plan(
+                    Path(self.resourcePath("requirements.txt")),
+                    external_python=bool(self.ui.externalPythonPathLineEdit.currentPath),
+                    project_source=self.ui.projectPathLineEdit.currentPath,
+                )
             )
-            self.showStatus(f"Installed {', '.join(installed)}." if installed else "Everything is installed.")
+        self.updateButtons()
+
+    def onInstallStep(self, step: install.PipStep):
+        self.showStatus(f"Installing {', '.join(step.names)}; this can take minutes…")
+
+    def onInstallFinished(self, succeeded: bool, message: str):
+        self.showStatus(message)
+        if not succeeded:
+            slicer.util.errorDisplay(message, windowTitle="KAF Segment: installation failed")
+        self.updateButtons()
 
     # --- job notifications
 
@@ -313,7 +335,7 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = f"{text}\nWarning: {self._warning}" if self._warning else text
 
     def updateButtons(self, *unused):
-        busy = self.logic.busy
+        busy = self.logic.busy or self.installer.running  # kaf must not run while pip replaces it
         parameters = self._parameterNode
         has_volume = parameters is not None and parameters.inputVolume is not None
         has_model = has_volume and chosen_file(parameters.model) is not None

@@ -254,6 +254,28 @@ def test_jobs_take_their_inputs_from_the_parameter_node(widget):
     widget.logic.predict_with.assert_called_once_with(widget._parameterNode)
 
 
+def test_install_runs_in_the_background_and_blocks_jobs_until_it_ends(module, widget):
+    from KAFSegmentLib.install import PipStep
+
+    widget.installer.start = MagicMock()
+    widget.onInstallDependencies()
+    (plan,), _ = widget.installer.start.call_args
+    assert hasattr(plan, "__next__")  # a plan of steps, run one by one by the installer
+
+    widget.installer._plan = plan  # as if running
+    widget.updateButtons()
+    assert widget.ui.installDependenciesButton.enabled is False and widget.ui.stopButton.enabled is True
+    widget.onInstallStep(PipStep(["torch"], ["torch>=2.4"]))
+    assert widget.ui.statusLabel.text.startswith("Installing torch;")
+    widget.installer._plan = None
+    widget.onInstallFinished(False, "pip install torch>=2.4 failed (exit code 1): no space left")
+    module.slicer.util.errorDisplay.assert_called_once_with(
+        "pip install torch>=2.4 failed (exit code 1): no space left",
+        windowTitle="KAF Segment: installation failed",
+    )
+    assert widget.ui.installDependenciesButton.enabled is True
+
+
 def test_user_errors_are_shown_not_raised(module, widget):
     widget.onFinetune()
     widget.onPredict()
