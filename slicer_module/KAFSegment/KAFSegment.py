@@ -131,8 +131,8 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self):
-        # The GUI stays bound only while shown; the parameter node keeps the values meanwhile.
-        self.setParameterNode(None)
+        # The GUI is bound only while shown; jobs running meanwhile still read the parameter node.
+        self._disconnectGui()
 
     def onSceneStartClose(self, caller, event):
         self.logic.stop()
@@ -152,13 +152,16 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if first_volume:
                 self._parameterNode.inputVolume = first_volume
 
-    def setParameterNode(self, parameter_node: KAFSegmentParameterNode | None):
-        if self._parameterNode:
+    def _disconnectGui(self):
+        if self._parameterNode and self._parameterNodeGuiTag is not None:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(
                 self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified
             )
+
+    def setParameterNode(self, parameter_node: KAFSegmentParameterNode | None):
+        self._disconnectGui()
         self._parameterNode = parameter_node
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
@@ -313,7 +316,7 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not outcome.succeeded:
             self._attention_wanted = False
             return
-        if outcome.job == "finetune" and self._parameterNode.predictAfterFinetune:
+        if outcome.job == "finetune" and self._parameterNode and self._parameterNode.predictAfterFinetune:
             self.onPredict()
         elif outcome.job == "explain":
             self._after_explain()

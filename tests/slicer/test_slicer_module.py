@@ -220,7 +220,7 @@ def test_the_gui_is_bound_to_the_parameter_node_while_the_module_is_shown(module
 
     widget.exit()
     parameters.steps = 9
-    assert ui.stepsSpinBox.value == 7 and widget._parameterNode is None
+    assert ui.stepsSpinBox.value == 7 and widget._parameterNode is parameters  # kept for running jobs
     widget.enter()
     assert ui.stepsSpinBox.value == 9 and widget._parameterNode.parameterNode is parameters.parameterNode
 
@@ -240,6 +240,9 @@ def test_closing_the_scene_unbinds_and_reopening_binds_a_new_parameter_node(modu
     first = widget._parameterNode.parameterNode
     widget.onSceneStartClose(None, None)
     assert widget._parameterNode is None
+    from KAFSegmentLib.progress import JobOutcome, JobStatus
+
+    widget.onJobFinished(JobOutcome("finetune", JobStatus.STOPPED, "stopped"))  # the stopped job ends later
     module.slicer.mrmlScene.Clear(1)
     widget.onSceneEndClose(None, None)
     assert widget._parameterNode is not None and widget._parameterNode.parameterNode is not first
