@@ -3,6 +3,7 @@ the model's keypoints and attention. The work is done by the `kaf` command line,
 
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -10,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import qt
 import slicer
+import vtk
 from KAFSegmentLib import install, mrml
-from KAFSegmentLib.command import DEVICES, EXTERNAL_PYTHON_SETTING, PRESETS, FinetuneOptions, resolve_command
-from KAFSegmentLib.logic import KafLogic, KafSegmentError
+from KAFSegmentLib.command import EXTERNAL_PYTHON_SETTING, resolve_command
+from KAFSegmentLib.logic import KafLogic, KafSegmentError, chosen_file
+from KAFSegmentLib.parameters import KAFSegmentParameterNode
 from KAFSegmentLib.process import QProcessRunner
 from KAFSegmentLib.progress import JobOutcome, JobStatus, ProgressUpdate
 from KAFSegmentLib.volumes import Keypoint, read_nifti
@@ -49,6 +52,11 @@ Image Segmentation with Limited Annotation, NeurIPS 2023.
 """
 
 
+def slicer_pip_command() -> list[str]:
+    """pip of Slicer's Python, run as a child process like slicer.util.pip_install does."""
+    return [shutil.which("PythonSlicer") or sys.executable, "-m", "pip"]
+
+
 def external_python_setting() -> str:
     return slicer.util.settingsValue(EXTERNAL_PYTHON_SETTING, "") or ""
 
@@ -59,11 +67,17 @@ def external_python_setting() -> str:
 
 
 class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The module's panel. Its inputs and settings live in the parameter node (`KAFSegmentParameterNode`),
+    bound to the widgets by their SlicerParameterName, so a saved scene restores them; the jobs read them
+    from there. The annotation selector has no Slicer GUI connector, so it is synchronised here."""
+
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.ui = None
+        self._parameterNode: KAFSegmentParameterNode | None = None
+        self._parameterNodeGuiTag = None
         self._attention_wanted = False  # show the attention once the running explain has finished
         self._status = ""
         self._warning = ""  # the CLI's last warning (e.g. running on the CPU), shown until the next job
@@ -80,15 +94,17 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.message.connect(self.showStatus)
         self.logic.warning.connect(self.onWarning)
         self.logic.finished.connect(self.onJobFinished)
+        self.installer = install.PipInstall(slicer_pip_command(), QProcessRunner)
+        self.installer.step.connect(self.onInstallStep)
+        self.installer.line.connect(self.showStatus)
+        self.installer.finished.connect(self.onInstallFinished)
 
-        self.ui.presetComboBox.addItems(list(PRESETS))
-        self.ui.deviceComboBox.addItems(list(DEVICES))
         self.ui.externalPythonPathLineEdit.currentPath = external_python_setting()
 
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onVolumeChanged)
-        self.ui.annotationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.annotationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onAnnotationChanged)
+        self.ui.annotationSelector.connect("currentSegmentChanged(QString)", self.onAnnotationSegmentChanged)
         self.ui.paintButton.connect("clicked(bool)", self.onPaint)
-        self.ui.checkpointPathLineEdit.connect("currentPathChanged(QString)", self.onCheckpointChanged)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
         self.ui.predictButton.connect("clicked(bool)", self.onPredict)
         self.ui.showKeypointsButton.connect("clicked(bool)", self.onShowKeypoints)
@@ -103,64 +119,94 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.onVolumeChanged()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
 
     def cleanup(self):
         self.removeObservers()
-        self.logic.stop()  # a module reload or application exit must not leave kaf running
+        self.logic.stop()  # a module reload or application exit must not leave kaf or pip running
+        self.installer.stop()
 
     def enter(self):
-        self.updateButtons()
+        self.initializeParameterNode()
+
+    def exit(self):
+        # The GUI is bound only while shown; jobs running meanwhile still read the parameter node.
+        self._disconnectGui()
 
     def onSceneStartClose(self, caller, event):
         self.logic.stop()
+        self.setParameterNode(None)
 
-    # --- inputs
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
 
-    def _volume(self):
-        volume = self.ui.inputVolumeSelector.currentNode()
-        if volume is None:
-            raise KafSegmentError("Choose a volume first.")
-        return volume
+    # --- parameter node
 
-    def _annotation(self):
-        annotation = self.ui.annotationSelector.currentNode()
-        if annotation is None:
-            raise KafSegmentError(
-                "Choose the annotation segmentation, or create one with Paint in Segment Editor."
+    def initializeParameterNode(self):
+        """Bind the GUI to the scene's parameter node (made on first use), choosing a volume if none is."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first_volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first_volume:
+                self._parameterNode.inputVolume = first_volume
+
+    def _disconnectGui(self):
+        if self._parameterNode and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(
+                self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified
             )
-        return annotation
 
-    def _segment_ids(self):
-        """The segments to learn: the selected one when asked for, else all (None)."""
-        if not self.ui.onlySelectedSegmentCheckBox.checked:
-            return None
-        segment_id = self.ui.annotationSelector.currentSegmentID()
-        if not segment_id:
-            raise KafSegmentError("Select the segment to fine-tune on.")
-        return [segment_id]
+    def setParameterNode(self, parameter_node: KAFSegmentParameterNode | None):
+        self._disconnectGui()
+        self._parameterNode = parameter_node
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.onParameterNodeModified()
 
-    def _finetune_options(self) -> FinetuneOptions:
-        return FinetuneOptions(
-            preset=self.ui.presetComboBox.currentText,
-            device=self.ui.deviceComboBox.currentText,
-            steps=self.ui.stepsSpinBox.value,
-            time_budget=self.ui.timeBudgetSpinBox.value or None,  # 0 shows as "none"
-            checkpoint=self.ui.checkpointPathLineEdit.currentPath or None,
-        )
+    def onParameterNodeModified(self, caller=None, event=None):
+        parameters = self._parameterNode
+        selector = self.ui.annotationSelector
+        if selector.currentNode() != parameters.annotation:
+            selector.setCurrentNode(parameters.annotation)
+        if parameters.annotationSegment and selector.currentSegmentID() != parameters.annotationSegment:
+            selector.setCurrentSegmentID(parameters.annotationSegment)
+        self._update_ranges()
+        self.updateButtons()
+
+    def _update_ranges(self):
+        """Limits that depend on the scene, set after binding (Slicer's connectors set the annotated ones)."""
+        volume = self._parameterNode.inputVolume
+        if volume is not None and volume.GetImageData() is not None:
+            self.ui.explainSliceSpinBox.maximum = volume.GetImageData().GetDimensions()[2] - 1
+        explanation = self.logic.explanation
+        if explanation is not None:
+            self.ui.keypointSpinBox.maximum = max(len(explanation.keypoints) - 1, 0)
+
+    def onAnnotationChanged(self, node):
+        if self._parameterNode:
+            self._parameterNode.annotation = node
+
+    def onAnnotationSegmentChanged(self, segment_id):
+        if self._parameterNode:
+            self._parameterNode.annotationSegment = segment_id or ""
 
     # --- actions
 
     def onVolumeChanged(self, node=None):
-        volume = self.ui.inputVolumeSelector.currentNode()
-        if volume is not None and volume.GetImageData() is not None:
-            self.ui.explainSliceSpinBox.maximum = volume.GetImageData().GetDimensions()[2] - 1
-        self.updateButtons()
+        if self._parameterNode:
+            self._update_ranges()
 
     def onPaint(self):
         with slicer.util.tryWithErrorDisplay("Could not open the Segment Editor.", waitCursor=True):
-            volume = self._volume()
-            annotation = self.ui.annotationSelector.currentNode() or self._new_annotation(volume)
+            volume = self._parameterNode.inputVolume
+            if volume is None:
+                raise KafSegmentError("Choose a volume first.")
+            annotation = self._parameterNode.annotation or self._new_annotation(volume)
             slicer.util.selectModule("SegmentEditor")
             editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
             editor.setSegmentationNode(annotation)
@@ -174,62 +220,33 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         annotation.CreateDefaultDisplayNodes()
         annotation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
         annotation.GetSegmentation().AddEmptySegment("", "structure")
-        self.ui.annotationSelector.setCurrentNode(annotation)
+        self._parameterNode.annotation = annotation
         return annotation
-
-    def onCheckpointChanged(self, path):
-        """A fine-tuned checkpoint chosen here becomes the model for Predict and Show keypoints."""
-        if path and Path(path).is_file():
-            self.logic.model_path = Path(path)
-        self.updateButtons()
 
     def _start_job(self, what: str, start) -> None:
         self._warning = ""
         with slicer.util.tryWithErrorDisplay(f"{what} could not start.", waitCursor=True):
-            start()
+            start(self._parameterNode)
         self.updateButtons()
 
     def onFinetune(self):
-        self._start_job(
-            "Fine-tuning",
-            lambda: self.logic.finetune(
-                self._volume(), self._annotation(), self._segment_ids(), self._finetune_options()
-            ),
-        )
+        self._start_job("Fine-tuning", self.logic.finetune_with)
 
     def onPredict(self):
-        self._start_job(
-            "Prediction",
-            lambda: self.logic.predict(
-                self._volume(),
-                self.ui.outputSegmentationSelector.currentNode(),
-                self.ui.deviceComboBox.currentText,
-                self.ui.annotationSelector.currentNode(),
-            ),
-        )
+        self._start_job("Prediction", self.logic.predict_with)
 
     def onShowKeypoints(self):
-        self.ui.keypointSpinBox.value = 0
-        self._explain(keypoint=0)
-
-    def _explain(self, keypoint: int):
-        self._start_job(
-            "Explaining",
-            lambda: self.logic.explain(
-                self._volume(),
-                self.ui.explainSliceSpinBox.value,
-                keypoint,
-                self.ui.deviceComboBox.currentText,
-            ),
-        )
+        self._parameterNode.keypoint = 0
+        self._start_job("Explaining", self.logic.explain_with)
 
     def _explanation_is_current(self) -> bool:
         explanation = self.logic.explanation
+        parameters = self._parameterNode
         return explanation is not None and explanation.matches(
-            self.ui.inputVolumeSelector.currentNode(),
-            self.logic.model_path,
-            self.ui.explainSliceSpinBox.value,
-            self.ui.keypointSpinBox.value,
+            parameters.inputVolume,
+            chosen_file(parameters.model),
+            parameters.explainSlice,
+            parameters.keypoint,
         )
 
     def onShowAttention(self):
@@ -237,13 +254,13 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._show_attention()
             return
         self._attention_wanted = True  # the attention of another keypoint or slice needs a new explain run
-        self._explain(keypoint=self.ui.keypointSpinBox.value)
+        self._start_job("Explaining", self.logic.explain_with)
         if not self.logic.busy:
             self._attention_wanted = False
 
     def _show_attention(self):
         with slicer.util.tryWithErrorDisplay("Could not show the attention map."):
-            self.logic.show_attention(self.ui.attentionLevelSpinBox.value, self.ui.attentionHeadSpinBox.value)
+            self.logic.show_attention(self._parameterNode.attentionLevel, self._parameterNode.attentionHead)
 
     def onKeypointChanged(self, index):
         self.logic.select_keypoint(index)
@@ -254,20 +271,32 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onStop(self):
         self.logic.stop()
+        self.installer.stop()
 
     def onExternalPythonChanged(self, path):
+        # An application setting, not a scene parameter: it names a Python on this computer.
         qt.QSettings().setValue(EXTERNAL_PYTHON_SETTING, path)
         self.logic.use_external_python(path)
 
     def onInstallDependencies(self):
-        with slicer.util.tryWithErrorDisplay("Installing the dependencies failed.", waitCursor=True):
-            self.showStatus("Installing; this can take minutes…")
-            installed = install.install_all(
-                Path(self.resourcePath("requirements.txt")),
-                external_python=bool(self.ui.externalPythonPathLineEdit.currentPath),
-                project_source=self.ui.projectPathLineEdit.currentPath,
+        with slicer.util.tryWithErrorDisplay("Installing the dependencies failed."):
+            self.installer.start(
+                install.install_plan(
+                    Path(self.resourcePath("requirements.txt")),
+                    external_python=bool(self.ui.externalPythonPathLineEdit.currentPath),
+                    project_source=self.ui.projectPathLineEdit.currentPath,
+                )
             )
-            self.showStatus(f"Installed {', '.join(installed)}." if installed else "Everything is installed.")
+        self.updateButtons()
+
+    def onInstallStep(self, step: install.PipStep):
+        self.showStatus(f"Installing {', '.join(step.names)}; this can take minutes…")
+
+    def onInstallFinished(self, succeeded: bool, message: str):
+        self.showStatus(message)
+        if not succeeded:
+            slicer.util.errorDisplay(message, windowTitle="KAF Segment: installation failed")
+        self.updateButtons()
 
     # --- job notifications
 
@@ -287,16 +316,14 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not outcome.succeeded:
             self._attention_wanted = False
             return
-        if outcome.job == "finetune" and self.ui.predictAfterFinetuneCheckBox.checked:
+        if outcome.job == "finetune" and self._parameterNode and self._parameterNode.predictAfterFinetune:
             self.onPredict()
-        elif outcome.job == "predict":
-            self.ui.outputSegmentationSelector.setCurrentNode(self.logic.prediction_node)
         elif outcome.job == "explain":
             self._after_explain()
 
     def _after_explain(self):
         explanation = self.logic.explanation
-        self.ui.keypointSpinBox.maximum = max(len(explanation.keypoints) - 1, 0)
+        self._update_ranges()
         mrml.jump_to_slice(explanation.volume_node, explanation.slice_index)
         if self._attention_wanted:
             self._attention_wanted = False
@@ -311,17 +338,15 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = f"{text}\nWarning: {self._warning}" if self._warning else text
 
     def updateButtons(self, *unused):
-        busy = self.logic.busy
-        has_volume = self.ui.inputVolumeSelector.currentNode() is not None
-        has_model = self.logic.model_path is not None
-        self.ui.finetuneButton.enabled = (
-            not busy and has_volume and self.ui.annotationSelector.currentNode() is not None
-        )
+        busy = self.logic.busy or self.installer.running  # kaf must not run while pip replaces it
+        parameters = self._parameterNode
+        has_volume = parameters is not None and parameters.inputVolume is not None
+        has_model = has_volume and chosen_file(parameters.model) is not None
+        self.ui.finetuneButton.enabled = not busy and has_volume and parameters.annotation is not None
         for button in (self.ui.predictButton, self.ui.showKeypointsButton, self.ui.showAttentionButton):
-            button.enabled = not busy and has_volume and has_model
+            button.enabled = not busy and has_model
         self.ui.stopButton.enabled = busy
         self.ui.installDependenciesButton.enabled = not busy
-        self.ui.modelLabel.text = str(self.logic.model_path) if has_model else "none yet"
 
 
 #
@@ -330,12 +355,15 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class KAFSegmentLogic(ScriptedLoadableModuleLogic, KafLogic):
-    """`KafLogic` inside Slicer: jobs run as QProcess, files go to Slicer's temporary folder, and kaf runs
-    from Slicer's Python or from the external Python of the module's setting. Usable without the widget:
+    """`KafLogic` inside Slicer: jobs run as QProcess, their files go to Slicer's temporary folder, models
+    beside the scene (the parameter node's models folder), and kaf runs from Slicer's Python or from the
+    external Python of the module's setting. Usable without the widget:
 
         logic = KAFSegmentLogic()
         logic.finished.connect(print)
-        logic.finetune(volumeNode, segmentationNode, None, FinetuneOptions(steps=50))
+        parameters = logic.getParameterNode()
+        parameters.inputVolume, parameters.annotation, parameters.steps = volumeNode, segmentationNode, 50
+        logic.finetune_with(parameters)
     """
 
     def __init__(self, runner_factory=QProcessRunner):
@@ -348,6 +376,10 @@ class KAFSegmentLogic(ScriptedLoadableModuleLogic, KafLogic):
         # An external Python must not see Slicer's PYTHONHOME and PYTHONPATH: give it the environment
         # Slicer was started with. Slicer's own Python needs the current one.
         self.environment = slicer.util.startupEnvironment() if path else None
+
+    def getParameterNode(self) -> KAFSegmentParameterNode:
+        """The scene's parameter node of the module, typed; made on first use."""
+        return KAFSegmentParameterNode(super().getParameterNode())
 
 
 #
@@ -369,6 +401,8 @@ class KAFSegmentTest(ScriptedLoadableModuleTest):
         self.test_volume_round_trip()
         self.setUp()
         self.test_keypoints_become_control_points()
+        self.setUp()
+        self.test_parameter_node_survives_saving_and_loading_the_scene()
         self.setUp()
         self.test_finetune_predict()
 
@@ -394,6 +428,36 @@ class KAFSegmentTest(ScriptedLoadableModuleTest):
         expected = [affine @ [3.5, 2.0, 3, 1], affine @ [1.0, 4.25, 3, 1]]
         np.testing.assert_allclose(positions, np.array(expected)[:, :3], atol=1e-6)
 
+    def test_parameter_node_survives_saving_and_loading_the_scene(self):
+        logic = KAFSegmentLogic()
+        volume, annotation = _synthetic_case()
+        parameters = logic.getParameterNode()
+        self.assertEqual(
+            (parameters.steps, parameters.preset, parameters.model), (150, "interactive", Path())
+        )
+        parameters.inputVolume, parameters.annotation = volume, annotation
+        parameters.preset, parameters.device, parameters.steps, parameters.timeBudget = (
+            "paper-acdc",
+            "cpu",
+            7,
+            30.0,
+        )
+        parameters.predictAfterFinetune, parameters.modelsFolder = False, Path("models")
+        expected = {name: parameters.getValue(name) for name in parameters.allParameters}
+        with tempfile.TemporaryDirectory() as folder:
+            slicer.util.saveNode(volume, f"{folder}/volume.nrrd")
+            slicer.util.saveNode(annotation, f"{folder}/annotation.seg.nrrd")
+            self.assertTrue(slicer.util.saveScene(f"{folder}/scene.mrml"))
+            slicer.mrmlScene.Clear()
+            slicer.util.loadScene(f"{folder}/scene.mrml")
+            restored = logic.getParameterNode()
+            self.assertEqual(restored.inputVolume.GetName(), "KAF test volume")
+            self.assertEqual(restored.annotation.GetName(), "KAF test annotation")
+            for name, value in expected.items():
+                if name not in ("inputVolume", "annotation"):
+                    self.assertEqual(restored.getValue(name), value, name)
+            self.assertEqual(Path(slicer.mrmlScene.GetRootDirectory()).resolve(), Path(folder).resolve())
+
     def test_finetune_predict(self):
         logic = KAFSegmentLogic()
         if not install.is_installed("nibabel") or not (
@@ -402,10 +466,20 @@ class KAFSegmentTest(ScriptedLoadableModuleTest):
             logging.warning("KAFSegmentTest: kaf or nibabel is not installed; fine-tune/predict skipped")
             return
         volume, annotation = _synthetic_case()
-        outcome = self._run(logic, lambda: logic.finetune(volume, annotation, None, FinetuneOptions(steps=2)))
+        parameters = logic.getParameterNode()
+        parameters.inputVolume, parameters.annotation, parameters.steps = volume, annotation, 2
+        root = slicer.mrmlScene.GetRootDirectory()
+        with tempfile.TemporaryDirectory() as folder:
+            slicer.mrmlScene.SetRootDirectory(folder)  # as if the scene had been saved there
+            try:
+                outcome = self._run(logic, lambda: logic.finetune_with(parameters))
+            finally:
+                slicer.mrmlScene.SetRootDirectory(root)
+            self.assertTrue(outcome.succeeded, outcome.message)
+            self.assertEqual(parameters.model.parent.resolve(), Path(folder).resolve())  # beside the scene
+            outcome = self._run(logic, lambda: logic.predict_with(parameters))
         self.assertTrue(outcome.succeeded, outcome.message)
-        outcome = self._run(logic, lambda: logic.predict(volume))
-        self.assertTrue(outcome.succeeded, outcome.message)
+        self.assertIs(parameters.outputSegmentation, logic.prediction_node)
         self.assertGreater(logic.prediction_node.GetSegmentation().GetNumberOfSegments(), 0)
 
     def _run(self, logic, start) -> JobOutcome:

@@ -38,6 +38,19 @@ def _import_slicer():
 SLICER = _import_slicer()  # before any test imports it
 
 
+def _install_fake_parameter_node_wrapper(slicer) -> None:
+    """slicer-core has no `slicer.parameterNodeWrapper` (it needs Slicer's Qt): put the stand-in there."""
+    import fake_parameter_node_wrapper
+
+    sys.modules.setdefault("slicer.parameterNodeWrapper", fake_parameter_node_wrapper)
+    if not hasattr(slicer, "parameterNodeWrapper"):
+        slicer.parameterNodeWrapper = fake_parameter_node_wrapper
+
+
+if SLICER is not None:
+    _install_fake_parameter_node_wrapper(SLICER)
+
+
 def import_slicer_core():
     """The `slicer` package of the slicer-core wheel, or a skip that says what to install."""
     if SLICER is None:
@@ -58,6 +71,12 @@ def register_segmentation_converters(slicer) -> None:
     if not factory.GetConverterRules():
         factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
         factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
+@pytest.fixture
+def slicer_core():
+    """The slicer-core `slicer` package (with the parameterNodeWrapper stand-in), or a skip."""
+    return import_slicer_core()
 
 
 @pytest.fixture

@@ -71,10 +71,12 @@ class Recorder:
 
 
 @pytest.fixture
-def case(mrml_scene):
-    """A volume with an oblique geometry and an annotation of two classes painted on slices 1 and 4."""
+def case(mrml_scene, tmp_path):
+    """A volume with an oblique geometry and an annotation of two classes painted on slices 1 and 4, in a
+    scene whose folder (where it was saved) is tmp_path/scene."""
     from KAFSegmentLib import mrml
 
+    mrml_scene.SetRootDirectory(str(tmp_path / "scene"))
     volume = add_volume(
         mrml_scene, np.random.default_rng(0).random((6, 8, 9)).astype(np.float32), oblique_affine()
     )
@@ -99,7 +101,7 @@ def fake(case, tmp_path):
     return logic, runners, Recorder(logic)
 
 
-def test_finetune_exports_the_inputs_reports_progress_and_keeps_the_model(case, fake):
+def test_finetune_exports_the_inputs_reports_progress_and_keeps_the_model(case, fake, tmp_path):
     from KAFSegmentLib.command import FinetuneOptions
     from KAFSegmentLib.progress import JobStatus
 
@@ -125,7 +127,7 @@ def test_finetune_exports_the_inputs_reports_progress_and_keeps_the_model(case, 
     assert recorder.warnings == ["Running on the CPU: fine-tuning takes about a minute"]
     (outcome,) = recorder.outcomes
     assert outcome.status is JobStatus.SUCCEEDED and outcome.job == "finetune"
-    assert logic.model_path == checkpoint and checkpoint.parent == logic.work_dir / "models"
+    assert logic.model_path == checkpoint and checkpoint.parent == tmp_path / "scene"  # beside the scene
     assert not logic.busy and not runner.option("--image").exists()  # job files are removed
 
 
@@ -257,6 +259,95 @@ def test_explain_places_keypoints_and_switches_attention_maps_without_rerunning(
     assert len(runners) == 1
 
 
+# --- inputs from the parameter node ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def parameters(case):
+    """The module's parameter node, holding the case's volume and annotation."""
+    from kafsegment_testing import module_parameter_node
+    from KAFSegmentLib.parameters import KAFSegmentParameterNode
+
+    volume, annotation = case
+    parameters = KAFSegmentParameterNode(module_parameter_node(volume.GetScene()))
+    parameters.inputVolume, parameters.annotation = volume, annotation
+    return parameters
+
+
+def test_finetune_with_takes_the_settings_of_the_parameter_node(parameters, fake, tmp_path):
+    logic, runners, _ = fake
+    parameters.preset, parameters.device, parameters.steps, parameters.timeBudget = (
+        "paper-acdc",
+        "cpu",
+        7,
+        0.0,
+    )
+    parameters.startCheckpoint = tmp_path / "start.safetensors"
+    logic.finetune_with(parameters)
+    args = runners[-1].args
+    assert args[args.index("--preset") + 1] == "paper-acdc" and args[args.index("--device") + 1] == "cpu"
+    assert args[args.index("--steps") + 1] == "7" and "--time-budget" not in args  # 0: no budget
+    assert runners[-1].option("--checkpoint") == tmp_path / "start.safetensors"
+    assert args[args.index("--label-names") + 1] == ",".join(NAMES)
+
+    checkpoint = runners[-1].option("--out")
+    checkpoint.write_bytes(b"weights")
+    runners[-1].finish(0, {"checkpoint": str(checkpoint)})
+    assert checkpoint.parent == tmp_path / "scene"  # the default models folder: beside the scene file
+    assert parameters.model == checkpoint  # what Predict will use, saved with the scene
+
+
+@pytest.mark.parametrize("folder", ["models/kaf", "absolute"])
+def test_models_go_to_the_chosen_folder(parameters, fake, tmp_path, folder):
+    logic, runners, _ = fake
+    chosen = tmp_path / "elsewhere" if folder == "absolute" else Path(folder)
+    parameters.modelsFolder = chosen
+    logic.finetune_with(parameters)
+    out = runners[-1].option("--out")
+    assert out.parent == (chosen if chosen.is_absolute() else tmp_path / "scene" / chosen)
+    assert out.parent.is_dir() and out.name.startswith("volume-") and out.suffix == ".safetensors"
+
+
+def test_finetune_with_the_selected_segment_only(parameters, fake):
+    from KAFSegmentLib import mrml
+    from KAFSegmentLib.logic import KafSegmentError
+
+    logic, runners, _ = fake
+    parameters.onlySelectedSegment = True
+    with pytest.raises(KafSegmentError, match="Select the segment"):
+        logic.finetune_with(parameters)
+    parameters.annotationSegment = mrml.segment_ids(parameters.annotation)[1]
+    logic.finetune_with(parameters)
+    args = runners[-1].args
+    assert args[args.index("--label-names") + 1] == "background,posterior"
+
+
+def test_predict_and_explain_with_use_the_model_and_output_of_the_parameter_node(parameters, fake, tmp_path):
+    from KAFSegmentLib.logic import KafSegmentError
+
+    logic, runners, _ = fake
+    with pytest.raises(KafSegmentError, match="No model yet"):
+        logic.predict_with(parameters)
+    parameters.model = tmp_path / "chosen.safetensors"
+    parameters.model.write_bytes(b"weights")
+    logic.predict_with(parameters)
+    runner = runners[-1]
+    assert runner.option("--checkpoint") == parameters.model
+    write_volume(two_class_labels(), read_volume(runner.option("--image")).affine, runner.option("--out"))
+    runner.finish(0, {"voxels_per_label": {"background": 400, "anterior": 13, "posterior": 9}})
+    assert parameters.outputSegmentation is logic.prediction_node is not None
+
+    parameters.explainSlice, parameters.keypoint, parameters.device = 4, 2, "cpu"
+    logic.explain_with(parameters)
+    args = runners[-1].args
+    assert [args[args.index(option) + 1] for option in ("--slice", "--keypoint", "--device")] == [
+        "4",
+        "2",
+        "cpu",
+    ]
+    assert runners[-1].option("--checkpoint") == parameters.model
+
+
 # --- the real CLI ---------------------------------------------------------------------------------------
 
 
@@ -289,6 +380,7 @@ def test_finetune_predict_explain_with_the_real_cli(mrml_scene, shared_data, tmp
     from KAFSegmentLib.process import SubprocessRunner
     from KAFSegmentLib.volumes import read_keypoints
 
+    mrml_scene.SetRootDirectory(str(tmp_path))  # the model is saved beside the scene
     image = read_volume(shared_data / "msd_hippocampus" / "images" / "hippocampus_001.nii.gz")
     reference = read_volume(shared_data / "msd_hippocampus" / "labels" / "hippocampus_001.nii.gz")
     affine = oblique_affine() @ np.diag([1 / 0.7, 1 / 0.8, 1 / 3.0, 1.0])  # rotated, 1 mm voxels
@@ -315,6 +407,7 @@ def test_finetune_predict_explain_with_the_real_cli(mrml_scene, shared_data, tmp
     outcome = run_job(logic, runners, lambda: logic.finetune(volume, annotation, None, options))
     assert outcome.succeeded, outcome.message
     assert outcome.result["annotated_slices"] == annotated and logic.model_path.is_file()
+    assert logic.model_path.parent == tmp_path
     assert [update.step for update in progress if update.stage == "finetune"] == [1, 2, 3]
 
     outcome = run_job(logic, runners, lambda: logic.predict(volume, None, "cpu", annotation))

@@ -2,7 +2,8 @@
 
 The stubs (`qt`, `ctk`, `vtk`, `slicer`, `slicer.util`, `slicer.ScriptedLoadableModule`) exist only inside
 the `module` fixture: it saves sys.modules and puts it back, so that the tier-2 tests keep the real
-`slicer` of slicer-core.
+`slicer` of slicer-core. The stub `slicer` borrows the real MRML classes and a real scene from slicer-core,
+and the parameterNodeWrapper stand-in, so the widget's parameter node is a real vtkMRMLScriptedModuleNode.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from unittest.mock import MagicMock
 
+import fake_parameter_node_wrapper
 import pytest
+from kafsegment_testing import module_parameter_node
 
 REPO = Path(__file__).resolve().parents[2]
 EXTENSION_DIR = REPO / "slicer_module"
@@ -41,12 +44,25 @@ def ui_object_names() -> list[str]:
     return [widget.get("name") for widget in ET.parse(UI_FILE).getroot().iter("widget")]
 
 
+def ui_parameter_widgets() -> dict[str, tuple[str, str]]:
+    """objectName -> (class, SlicerParameterName) of the widgets bound to a parameter."""
+    bound = {}
+    for widget in ET.parse(UI_FILE).getroot().iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[widget.get("name")] = (widget.get("class"), prop.findtext("string"))
+    return bound
+
+
 class StubObservationMixin:
     def __init__(self) -> None:
         self.observers = []
 
     def addObserver(self, caller, event, method) -> None:
         self.observers.append((caller, event, method))
+
+    def removeObserver(self, caller, event, method) -> None:
+        self.observers.remove((caller, event, method))
 
     def removeObservers(self) -> None:
         self.observers.clear()
@@ -71,11 +87,17 @@ class StubWidget:
 
 class StubLogic:
     def __init__(self, parent=None) -> None:
-        pass
+        self.moduleName = type(self).__name__.removesuffix("Logic")
+
+    def getParameterNode(self):
+        return module_parameter_node(sys.modules["slicer"].mrmlScene, self.moduleName)
 
 
-def stub_slicer(tmp_path: Path, shown_errors: list) -> ModuleType:
+def stub_slicer(tmp_path: Path, shown_errors: list, real_slicer) -> ModuleType:
     slicer = ModuleType("slicer")
+    for name in ("vtkMRMLScalarVolumeNode", "vtkMRMLSegmentationNode"):
+        setattr(slicer, name, getattr(real_slicer, name))
+    slicer.parameterNodeWrapper = fake_parameter_node_wrapper
     slicer.util = MagicMock(name="slicer.util")
     slicer.util.VTKObservationMixin = StubObservationMixin
     slicer.util.settingsValue.return_value = ""
@@ -90,7 +112,7 @@ def stub_slicer(tmp_path: Path, shown_errors: list) -> ModuleType:
 
     slicer.util.tryWithErrorDisplay = try_with_error_display
     slicer.app = SimpleNamespace(temporaryPath=str(tmp_path))
-    slicer.mrmlScene = MagicMock(name="mrmlScene")
+    slicer.mrmlScene = real_slicer.vtkMRMLScene()
     slicer.modules = MagicMock(name="slicer.modules")
     scripted = ModuleType("slicer.ScriptedLoadableModule")
     scripted.ScriptedLoadableModule = StubModule
@@ -102,18 +124,19 @@ def stub_slicer(tmp_path: Path, shown_errors: list) -> ModuleType:
 
 
 @pytest.fixture
-def module(tmp_path):
+def module(tmp_path, slicer_core):
     """KAFSegment.py imported under stubs; `module.shown_errors` collects tryWithErrorDisplay's errors."""
     saved = dict(sys.modules)
     for name in [name for name in sys.modules if name.startswith(("KAFSegment", "slicer", "vtk"))]:
         del sys.modules[name]  # import the module's own files afresh, against the stubs
     shown_errors = []
-    slicer = stub_slicer(tmp_path, shown_errors)
+    slicer = stub_slicer(tmp_path, shown_errors, slicer_core)
     sys.modules.update(
         {
             "slicer": slicer,
             "slicer.util": slicer.util,
             "slicer.ScriptedLoadableModule": slicer.ScriptedLoadableModule,
+            "slicer.parameterNodeWrapper": slicer.parameterNodeWrapper,
             "qt": MagicMock(name="qt"),
             "ctk": MagicMock(name="ctk"),
             "vtk": MagicMock(name="vtk"),
@@ -129,12 +152,22 @@ def module(tmp_path):
         sys.modules.update(saved)
 
 
+def stub_widget(name: str, parameter: str | None) -> MagicMock:
+    """A MagicMock widget whose SlicerParameterName property is that of the .ui."""
+    widget = MagicMock(name=name)
+    widget.property.side_effect = lambda key: parameter if key == "SlicerParameterName" else None
+    return widget
+
+
 @pytest.fixture
 def widget(module):
     """The widget after setup(), with one MagicMock per objectName of the .ui and nothing more."""
-    ui = SimpleNamespace(**{name: MagicMock(name=name) for name in ui_object_names()})
+    bound = ui_parameter_widgets()
+    ui = SimpleNamespace(
+        **{name: stub_widget(name, bound.get(name, (None, None))[1]) for name in ui_object_names()}
+    )
     module.slicer.util.childWidgetVariables.return_value = ui
-    widget = module.KAFSegmentWidget()
+    widget = module.KAFSegmentWidget(SimpleNamespace(isEntered=True))
     widget.setup()
     return widget
 
@@ -158,19 +191,100 @@ def test_logic_works_without_the_widget(module, tmp_path):
 
 def test_widget_setup_uses_only_widgets_of_the_ui_file(widget):
     ui = widget.ui
-    ui.presetComboBox.addItems.assert_called_once_with(["interactive", "paper-acdc", "paper-chd"])
+    assert [call.args for call in ui.presetComboBox.addItem.call_args_list] == [
+        ("interactive",),
+        ("paper-acdc",),
+        ("paper-chd",),
+    ]  # filled by the parameter node's GUI connector from the Choice annotation
     ui.finetuneButton.connect.assert_called_once_with("clicked(bool)", widget.onFinetune)
     ui.stopButton.connect.assert_called_once_with("clicked(bool)", widget.onStop)
-    assert widget.observers  # scene-close observer
+    events = {event for _, event, _ in widget.observers}
+    assert {widget_scene_event("StartCloseEvent"), widget_scene_event("EndCloseEvent")} <= events
+
+
+def widget_scene_event(name: str) -> int:
+    return getattr(sys.modules["slicer"].mrmlScene, name)
+
+
+def test_the_gui_is_bound_to_the_parameter_node_while_the_module_is_shown(module, widget):
+    ui, parameters = widget.ui, widget._parameterNode
+    assert isinstance(parameters, module.KAFSegmentParameterNode)
+    assert ui.stepsSpinBox.value == 150 and ui.predictAfterFinetuneCheckBox.checked is True
+
+    ui.stepsSpinBox.value = 7  # the user edits; Qt emits valueChanged
+    changed = ui.stepsSpinBox.valueChanged.connect.call_args.args[0]
+    changed(7)
+    assert parameters.steps == 7
+    parameters.device = "cpu"  # e.g. a loaded scene: the GUI follows
+    assert ui.deviceComboBox.currentIndex == 1
+
+    widget.exit()
+    parameters.steps = 9
+    assert ui.stepsSpinBox.value == 7 and widget._parameterNode is parameters  # kept for running jobs
+    widget.enter()
+    assert ui.stepsSpinBox.value == 9 and widget._parameterNode.parameterNode is parameters.parameterNode
+
+
+def test_the_annotation_selector_is_synchronised_by_hand(module, widget):
+    scene = module.slicer.mrmlScene
+    annotation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "painted")
+    widget.onAnnotationChanged(annotation)
+    widget.onAnnotationSegmentChanged("Segment_1")
+    parameters = widget._parameterNode
+    assert parameters.annotation is annotation and parameters.annotationSegment == "Segment_1"
+    widget.onParameterNodeModified()
+    widget.ui.annotationSelector.setCurrentNode.assert_called_with(annotation)
+
+
+def test_closing_the_scene_unbinds_and_reopening_binds_a_new_parameter_node(module, widget):
+    first = widget._parameterNode.parameterNode
+    widget.onSceneStartClose(None, None)
+    assert widget._parameterNode is None
+    from KAFSegmentLib.progress import JobOutcome, JobStatus
+
+    widget.onJobFinished(JobOutcome("finetune", JobStatus.STOPPED, "stopped"))  # the stopped job ends later
+    module.slicer.mrmlScene.Clear(1)
+    widget.onSceneEndClose(None, None)
+    assert widget._parameterNode is not None and widget._parameterNode.parameterNode is not first
+
+
+def test_jobs_take_their_inputs_from_the_parameter_node(widget):
+    widget.logic.finetune_with = MagicMock()
+    widget.logic.predict_with = MagicMock()
+    widget.onFinetune()
+    widget.onPredict()
+    widget.logic.finetune_with.assert_called_once_with(widget._parameterNode)
+    widget.logic.predict_with.assert_called_once_with(widget._parameterNode)
+
+
+def test_install_runs_in_the_background_and_blocks_jobs_until_it_ends(module, widget):
+    from KAFSegmentLib.install import PipStep
+
+    widget.installer.start = MagicMock()
+    widget.onInstallDependencies()
+    (plan,), _ = widget.installer.start.call_args
+    assert hasattr(plan, "__next__")  # a plan of steps, run one by one by the installer
+
+    widget.installer._plan = plan  # as if running
+    widget.updateButtons()
+    assert widget.ui.installDependenciesButton.enabled is False and widget.ui.stopButton.enabled is True
+    widget.onInstallStep(PipStep(["torch"], ["torch>=2.4"]))
+    assert widget.ui.statusLabel.text.startswith("Installing torch;")
+    widget.installer._plan = None
+    widget.onInstallFinished(False, "pip install torch>=2.4 failed (exit code 1): no space left")
+    module.slicer.util.errorDisplay.assert_called_once_with(
+        "pip install torch>=2.4 failed (exit code 1): no space left",
+        windowTitle="KAF Segment: installation failed",
+    )
+    assert widget.ui.installDependenciesButton.enabled is True
 
 
 def test_user_errors_are_shown_not_raised(module, widget):
-    widget.ui.inputVolumeSelector.currentNode.return_value = None
     widget.onFinetune()
     widget.onPredict()
     (message, error), (_, also) = module.shown_errors
-    assert message == "Fine-tuning could not start." and str(error) == "Choose a volume first."
-    assert str(also) == "Choose a volume first."
+    assert message == "Fine-tuning could not start." and str(error) == "Choose a volume that has voxels."
+    assert str(also) == "Choose a volume that has voxels."
 
 
 def test_finished_jobs_update_the_widget(module, widget):
@@ -184,7 +298,7 @@ def test_finished_jobs_update_the_widget(module, widget):
     assert widget.ui.statusLabel.text == "kaf predict failed."
 
     widget.onPredict = MagicMock()
-    widget.ui.predictAfterFinetuneCheckBox.checked = True
+    assert widget._parameterNode.predictAfterFinetune  # the default
     widget.onWarning("Running on the CPU")
     widget.onJobFinished(JobOutcome("finetune", JobStatus.SUCCEEDED, "Fine-tuned model saved to /m"))
     widget.onPredict.assert_called_once_with()
@@ -192,6 +306,39 @@ def test_finished_jobs_update_the_widget(module, widget):
 
 
 # --- static checks ----------------------------------------------------------------------------------------
+
+# The widget classes Slicer's parameterNodeWrapper GUI connectors bind (Base/Python/slicer/
+# parameterNodeWrapper/guiConnectors.py), by parameter type; connectGui fails on any other pair.
+SLICER_CONNECTORS = {
+    "QCheckBox": {bool},
+    "QSpinBox": {int},
+    "QDoubleSpinBox": {float},
+    "QComboBox": {str, int, float, bool},  # with a Choice annotation
+    "ctkPathLineEdit": {Path},
+    "qMRMLNodeComboBox": {"node"},
+}
+BOUND_BY_HAND = {"annotation", "annotationSegment"}  # qMRMLSegmentSelectorWidget has no connector
+
+
+def test_every_bound_widget_fits_a_slicer_gui_connector(slicer_core):
+    import typing
+
+    from KAFSegmentLib.parameters import KAFSegmentParameterNode
+
+    hints = typing.get_type_hints(KAFSegmentParameterNode, include_extras=True)
+    bound = ui_parameter_widgets()
+    names = [parameter for _, parameter in bound.values()]
+    assert len(names) == len(set(names)), "a parameter is bound to two widgets"
+    assert set(names) == set(hints) - BOUND_BY_HAND
+    for object_name, (widget_class, parameter) in bound.items():
+        parameter_type, *annotations = typing.get_args(hints[parameter]) or (hints[parameter],)
+        kind = "node" if fake_parameter_node_wrapper.is_node_type(parameter_type) else parameter_type
+        assert kind in SLICER_CONNECTORS[widget_class], object_name
+        kinds = {type(annotation).__name__ for annotation in annotations}
+        if widget_class == "QComboBox":
+            assert "Choice" in kinds, f"{parameter}: Slicer's combo box connector needs Choice"
+        if widget_class in ("QSpinBox", "QDoubleSpinBox"):  # else Slicer widens the range to +-2**31 or inf
+            assert kinds & {"WithinRange", "Minimum"}, f"{parameter}: give the spin box's range"
 
 
 def test_every_ui_name_the_code_reads_exists_in_the_ui_file():

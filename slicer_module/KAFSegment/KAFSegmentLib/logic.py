@@ -4,6 +4,9 @@ Every job follows the same path: write the inputs into a fresh folder under `wor
 through an injected process runner, turn its output into `progress` and `message` notifications, and
 when it ends, import the results into MRML nodes and emit `finished` with a `JobOutcome`. Nothing blocks:
 the runner calls back when the process speaks or ends.
+
+Each job takes its inputs as arguments, or (`finetune_with`, `predict_with`, `explain_with`) from the
+module's parameter node, into which it also writes what it made (the new model, the output segmentation).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .volumes import Keypoint, read_attention, read_keypoints, read_nifti
 ATTENTION_FILE = re.compile(r"attention_level(\d+)\.nii(?:\.gz)?")
 KEYPOINTS_NODE_NAME = "KAF keypoints"
 ATTENTION_NODE_NAME = "KAF attention"
+NO_ANNOTATION = "Choose the annotation segmentation, or create one with Paint in Segment Editor."
 NO_COMMAND = (
     "The kaf command line was not found: install the dependencies from the module, or set an "
     "external Python that has kaf installed."
@@ -82,13 +86,15 @@ class _Job:
     import_results: Callable[[dict], str]  # returns the message for the user
     keep_folder: bool = False  # explain: its files stay for the attention display
     stop_requested: bool = False
+    on_success: Callable[[], None] | None = None  # runs once the results are in the scene
 
 
 class KafLogic:
     """Fine-tune, predict and explain on MRML nodes with the `kaf` CLI, one job at a time.
 
     `runner_factory` makes a `ProcessRunner` per job (QProcess in Slicer, subprocess in tests);
-    `environment` is the child's whole environment (None: inherit this process's).
+    `environment` is the child's whole environment (None: inherit this process's); `work_dir` holds the
+    jobs' temporary files, not the models (see `finetune`).
     """
 
     def __init__(
@@ -123,13 +129,17 @@ class KafLogic:
         segmentation_node,
         segment_ids: Sequence[str] | None,
         options: FinetuneOptions,
+        models_folder: Path = Path(),
     ) -> None:
         """Fine-tune on the painted slices of the segments (all when `segment_ids` is None); the new
-        checkpoint becomes `model_path`."""
+        checkpoint, saved in `models_folder` (a relative one is inside the scene's folder), becomes
+        `model_path`."""
         self._check_can_start(volume_node)
+        if segmentation_node is None:
+            raise KafSegmentError(NO_ANNOTATION)
         ids = list(segment_ids) if segment_ids else mrml.segment_ids(segmentation_node)
         names = ["background", *mrml.segment_names(segmentation_node, ids)]
-        checkpoint = self._new_checkpoint_path(volume_node)
+        checkpoint = _new_checkpoint_path(volume_node, models_folder)
         with self._job_folder("finetune") as folder:
             image = mrml.export_volume(volume_node, folder / "image.nii")
             slices = mrml.export_annotation(segmentation_node, ids, volume_node, folder / "labels.nii")
@@ -142,11 +152,19 @@ class KafLogic:
         self.message.emit(f"Fine-tuning on {len(slices)} annotated slice(s): {', '.join(map(str, slices))}")
         self._start("finetune", arguments, folder, import_results)
 
-    def predict(self, volume_node, output_node=None, device: str = "auto", annotation_node=None) -> None:
-        """Segment every slice into `output_node` (a new segmentation node when None), replacing its
-        segments; segments get the colour of the same-named segment of `annotation_node`."""
+    def predict(
+        self,
+        volume_node,
+        output_node=None,
+        device: str = "auto",
+        annotation_node=None,
+        model: Path | None = None,
+    ) -> None:
+        """Segment every slice with `model` (None: `model_path`) into `output_node` (a new segmentation
+        node when None), replacing its segments; segments get the colour of the same-named segment of
+        `annotation_node`."""
         self._check_can_start(volume_node)
-        model = self._require_model()
+        model = self._require_model(model)
         with self._job_folder("predict") as folder:
             image = mrml.export_volume(volume_node, folder / "image.nii")
         out = folder / "segmentation.nii"
@@ -166,11 +184,18 @@ class KafLogic:
 
         self._start("predict", predict_arguments(image, model, out, device), folder, import_results)
 
-    def explain(self, volume_node, slice_index: int, keypoint: int = 0, device: str = "auto") -> None:
-        """Find the keypoints of a slice (shown as control points of `keypoints_node`) and the attention
-        maps of one of them (shown by `show_attention`)."""
+    def explain(
+        self,
+        volume_node,
+        slice_index: int,
+        keypoint: int = 0,
+        device: str = "auto",
+        model: Path | None = None,
+    ) -> None:
+        """Find the keypoints of a slice with `model` (None: `model_path`), shown as control points of
+        `keypoints_node`, and the attention maps of one of them (shown by `show_attention`)."""
         self._check_can_start(volume_node)
-        model = self._require_model()
+        model = self._require_model(model)
         slices = volume_node.GetImageData().GetDimensions()[2]
         if not 0 <= slice_index < slices:
             raise KafSegmentError(
@@ -195,6 +220,40 @@ class KafLogic:
 
         arguments = explain_arguments(image, model, slice_index, keypoint, folder, device)
         self._start("explain", arguments, folder, import_results, keep_folder=True)
+
+    def finetune_with(self, parameters) -> None:
+        """`finetune` on the inputs and settings of a KAFSegmentParameterNode; the new model becomes its
+        `model`."""
+        self.finetune(
+            parameters.inputVolume,
+            parameters.annotation,
+            selected_segments(parameters),
+            finetune_options(parameters),
+            parameters.modelsFolder,
+        )
+        self._on_success(lambda: setattr(parameters, "model", self.model_path))
+
+    def predict_with(self, parameters) -> None:
+        """`predict` with a KAFSegmentParameterNode's volume, model and device into its
+        `outputSegmentation`, which becomes the new segmentation when it had none."""
+        self.predict(
+            parameters.inputVolume,
+            parameters.outputSegmentation,
+            parameters.device,
+            parameters.annotation,
+            chosen_file(parameters.model),
+        )
+        self._on_success(lambda: setattr(parameters, "outputSegmentation", self.prediction_node))
+
+    def explain_with(self, parameters) -> None:
+        """`explain` the slice and keypoint of a KAFSegmentParameterNode with its model and device."""
+        self.explain(
+            parameters.inputVolume,
+            parameters.explainSlice,
+            parameters.keypoint,
+            parameters.device,
+            chosen_file(parameters.model),
+        )
 
     def show_attention(self, level: int, head: int, show: bool = True):
         """Load one attention map of the last explanation into `attention_node`; returns the node."""
@@ -235,21 +294,22 @@ class KafLogic:
     def _check_can_start(self, volume_node) -> None:
         if self.busy:
             raise KafSegmentError(f"kaf {self._job.name} is still running: wait for it or stop it.")
-        if self.command is None:
-            raise KafSegmentError(NO_COMMAND)
         if volume_node is None or volume_node.GetImageData() is None:
             raise KafSegmentError("Choose a volume that has voxels.")
+        if self.command is None:
+            raise KafSegmentError(NO_COMMAND)
 
-    def _require_model(self) -> Path:
-        if self.model_path is None or not self.model_path.is_file():
+    def _require_model(self, model: Path | None) -> Path:
+        """The model a job uses (None: `model_path`); it becomes `model_path`."""
+        model = model if model is not None else self.model_path
+        if model is None or not model.is_file():
             raise KafSegmentError("No model yet: fine-tune first, or choose a fine-tuned checkpoint.")
-        return self.model_path
+        self.model_path = model
+        return model
 
-    def _new_checkpoint_path(self, volume_node) -> Path:
-        """Checkpoints outlive their job: they go to work_dir/models, named after the volume and time."""
-        folder = self.work_dir / "models"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"{_file_stem(volume_node.GetName())}-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
+    def _on_success(self, action: Callable[[], None]) -> None:
+        """Run `action` after the job just started has brought its results into the scene."""
+        self._job.on_success = action
 
     @contextmanager
     def _job_folder(self, name: str) -> Iterator[Path]:
@@ -293,6 +353,8 @@ class KafLogic:
         if outcome.succeeded:
             try:
                 outcome = replace(outcome, message=job.import_results(outcome.result))
+                if job.on_success is not None:
+                    job.on_success()
             except Exception as error:  # whatever breaks here must reach the user and free the logic
                 message = f"The results of kaf {job.name} could not be loaded: {error}"
                 outcome = replace(outcome, status=JobStatus.FAILED, message=message)
@@ -306,6 +368,46 @@ def _label_names(result: dict, max_label: int) -> list[str]:
     """Names of labels 0..max_label: the checkpoint's, as the CLI reports them, else 'label n'."""
     names = list(result.get("voxels_per_label") or {})
     return [names[value] if value < len(names) else f"label {value}" for value in range(int(max_label) + 1)]
+
+
+def chosen_file(path: Path) -> Path | None:
+    """None for a path parameter left empty. Slicer's parameter node has no None for a path, and an empty
+    path field reads as Path(), i.e. "."."""
+    return None if path == Path() else path
+
+
+def selected_segments(parameters) -> list[str] | None:
+    """The segments to learn: the selected one when the parameters ask for it, else all (None)."""
+    if not parameters.onlySelectedSegment:
+        return None
+    if not parameters.annotationSegment:
+        raise KafSegmentError("Select the segment to fine-tune on.")
+    return [parameters.annotationSegment]
+
+
+def finetune_options(parameters) -> FinetuneOptions:
+    start = chosen_file(parameters.startCheckpoint)
+    return FinetuneOptions(
+        preset=parameters.preset,
+        device=parameters.device,
+        steps=parameters.steps,
+        time_budget=parameters.timeBudget or None,  # 0 means no budget
+        checkpoint=str(start) if start else None,
+    )
+
+
+def resolve_models_folder(volume_node, folder: Path) -> Path:
+    """Where models are saved: a relative `folder` is inside the folder of the volume's scene (where
+    Slicer saves the scene file), so models stay beside the scene, and the setting stays valid when the
+    scene's folder is moved."""
+    return Path(volume_node.GetScene().GetRootDirectory() or ".") / folder
+
+
+def _new_checkpoint_path(volume_node, folder: Path) -> Path:
+    """Checkpoints outlive their job: a new file in the models folder, named after the volume and time."""
+    folder = resolve_models_folder(volume_node, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{_file_stem(volume_node.GetName())}-{time.strftime('%Y%m%d-%H%M%S')}.safetensors"
 
 
 def _file_stem(name: str) -> str:
