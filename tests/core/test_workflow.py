@@ -11,6 +11,7 @@ from volume_factory import save_nifti, synthetic_volume
 from kaf.app.workflow import (
     finetune_volume,
     load_finetuned_model,
+    predict_trained,
     predict_volume,
     prepare_for_inference,
     pretrain_volumes,
@@ -101,9 +102,7 @@ def test_a_model_in_memory_predicts_on_the_image_it_was_trained_on(finetuned):
     image, trained, _ = finetuned
     result = trained.result
     events = []
-    job = predict_volume(
-        image, model=result.model, metadata=result.metadata, prepared=trained.prepared, device="cpu"
-    )
+    job = predict_trained(image, trained, device="cpu")
     segmentation = drive(job, events.append)
     assert segmentation.prepared is trained.prepared and segmentation.model is result.model
     assert {event.stage for event in events} == {"predict"}  # nothing loaded, nothing prepared again

@@ -20,6 +20,7 @@ from kaf.app.workflow import (
     Segmentation,
     finetune_volume,
     load_finetuned_model,
+    predict_trained,
     predict_volume,
     prepare_for_inference,
     pretrain_volumes,
@@ -242,16 +243,7 @@ def demo(args, printer, cancel, run) -> dict:
     )
     result, prepared = trained.result, trained.prepared
     segmentation = run(
-        predict_volume(
-            image,
-            model=result.model,
-            metadata=result.metadata,
-            prepared=prepared,
-            device=args.device,
-            batch_size=4,
-            uncertainty=True,
-            cancel=cancel,
-        ),
+        predict_trained(image, trained, device=args.device, batch_size=4, uncertainty=True, cancel=cancel),
         printer,
     )
     mean_dice, per_class = dice_on_unannotated(segmentation.labels, reference, annotated, classes)

@@ -268,6 +268,15 @@ def predict_volume(
     )
 
 
+def predict_trained(image: Volume, trained: TrainedModel, **options) -> Job[Segmentation]:
+    """`predict_volume` with the model just fine-tuned on `image`, on the image as it saw it;
+    `options`: those of `predict_volume` after `prepared`."""
+    result = trained.result
+    return predict_volume(
+        image, model=result.model, metadata=result.metadata, prepared=trained.prepared, **options
+    )
+
+
 @dataclass
 class PretrainedBackbone:
     result: PretrainResult
