@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kaf.app.workflow import prepare_for_training
+from kaf.app.workflow import TrainedModel, predict_trained, prepare_for_training
 from kaf.data.annotation import sparse_annotation
 from kaf.data.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
 from kaf.data.volume_io import read_labels, read_volume
 from kaf.jobs.events import drive
 from kaf.jobs.finetune import FinetuneSettings, Initialisation, finetune
-from kaf.jobs.predict import predict
 
 
 @dataclass
@@ -49,7 +48,8 @@ def annotator_run(
     prepared = prepare_for_training(image, "interactive")
     annotation = sparse_annotation(sparse, 0, annotated, classes)
     result = drive(finetune(prepared, annotation, settings or FinetuneSettings(device="cpu"), init))
-    prediction = drive(predict(result.model, prepared, "cpu", inference_batch))
+    trained = TrainedModel(result, prepared)
+    prediction = drive(predict_trained(image, trained, device="cpu", batch_size=inference_batch))
     seconds = time.perf_counter() - start
     dice, _ = dice_on_unannotated(prediction.labels, reference, annotated, classes)
     copy = copy_nearest_annotated(reference, annotated)

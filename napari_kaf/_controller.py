@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kaf.app.workflow import TrainedModel
+from kaf.app.workflow import Segmentation, TrainedModel
 from kaf.data.annotation import SparseAnnotation
 from kaf.data.volume_io import Volume
 from kaf.jobs.events import CancelToken, ProgressEvent
@@ -131,7 +131,7 @@ class KafController:
         self.notified = Signal()  # (severity: "status" | "info" | "warning" | "error", text)
         self.busy_changed = Signal()  # (busy: bool)
         self.progressed = Signal()  # (ProgressEvent)
-        self.predicted = Signal()  # (PredictionOutcome, ImageRef)
+        self.predicted = Signal()  # (Segmentation, ImageRef)
         self.explained = Signal()  # (Explanation, ImageRef)
         self.attention_ready = Signal()  # (AttentionMap)
 
@@ -268,17 +268,14 @@ class KafController:
         )
         return self._start("predicting", key, _jobs.predict_task, args, self._on_predicted, image, cancel)
 
-    def _on_predicted(self, outcome: _jobs.PredictionOutcome) -> None:
+    def _on_predicted(self, outcome: Segmentation) -> None:
         image = self._image()
-        if outcome.model is not None:
-            self.model, self.metadata = outcome.model, outcome.metadata
+        self.model, self.metadata = outcome.model, outcome.metadata  # the file's, when there was none
         self.prepared, self.prepared_source = outcome.prepared, image.source
         self.uncertainty = outcome.uncertainty
         self.predicted.emit(outcome, image)
-        counts = np.bincount(outcome.labels.ravel(), minlength=len(outcome.label_names))
-        summary = ", ".join(
-            f"{name}: {count}" for name, count in zip(outcome.label_names[1:], counts[1:], strict=False)
-        )
+        counts = list(outcome.voxels_per_label().items())[1:]  # background left out
+        summary = ", ".join(f"{name}: {count}" for name, count in counts)
         self.notified.emit("status", f"Predicted every slice ({summary} voxels).")
 
     def model_axis(self, view_axis: int) -> int:

@@ -8,39 +8,21 @@ Each is a generator that yields the core's `ProgressEvent`s (the Stop point) and
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from kaf.app.workflow import (
-    finetune_volume,
-    load_finetuned_model,
-    prepare_for_inference,
-)
+from kaf.app.workflow import finetune_volume, predict_volume
 from kaf.data.annotation import SparseAnnotation
 from kaf.data.preparation import PreparedVolume
 from kaf.data.volume_io import Volume
 from kaf.jobs.events import CancelToken, ProgressEvent
 from kaf.jobs.explain import Explanation, explain
 from kaf.jobs.finetune import FinetuneSettings
-from kaf.jobs.predict import predict
 from kaf.models import KafUNet
 from kaf.models.checkpoints import CheckpointMetadata, save_checkpoint
-from kaf.runtime.errors import CheckpointError
 
 Events = Generator[ProgressEvent, None, object]
-
-
-@dataclass
-class PredictionOutcome:
-    labels: np.ndarray  # (z, y, x)
-    uncertainty: np.ndarray  # (z, y, x) float32 in [0, 1]
-    label_names: list[str]
-    prepared: PreparedVolume
-    model: KafUNet | None = None  # set when the model was loaded from a file for this prediction
-    metadata: CheckpointMetadata | None = None
 
 
 class TaskRuntimeError(Exception):
@@ -104,28 +86,21 @@ def predict_task(
     threads: int | None = None,
     batch_size: int | None = None,
 ) -> Events:
-    """Predict with the session's model, or with a fine-tuned checkpoint file when there is none yet."""
+    """Predict (the core's `predict_volume`) with the session's model, or with a fine-tuned checkpoint
+    file when there is none yet; the result holds the model it used."""
     _use_threads(threads)
-    loaded = False
-    if model is None:
-        if checkpoint is None:
-            raise CheckpointError(
-                "There is no model to predict with yet: fine-tune one, or choose a fine-tuned checkpoint "
-                "file."
-            )
-        yield ProgressEvent("prepare", 0, 1, message=f"loading {checkpoint.name}")
-        model, metadata = load_finetuned_model(checkpoint)
-        loaded = True
-    if prepared is None:
-        prepared = prepare_for_inference(volume, metadata)
-    prediction = yield from predict(model, prepared, device, batch_size, cancel)
-    return PredictionOutcome(
-        labels=prediction.labels,
-        uncertainty=prediction.uncertainty(),
-        label_names=list(metadata.label_names),
-        prepared=prepared,
-        model=model if loaded else None,
-        metadata=metadata if loaded else None,
+    return (
+        yield from predict_volume(
+            volume,
+            checkpoint,
+            model=model,
+            metadata=metadata,
+            prepared=prepared,
+            device=device,
+            batch_size=batch_size,
+            uncertainty=True,
+            cancel=cancel,
+        )
     )
 
 

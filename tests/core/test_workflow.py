@@ -1,18 +1,29 @@
-"""The fine-tuning of one volume as every front-end runs it (kaf.app.workflow.finetune_volume)."""
+"""The user's jobs as every front-end runs them: fine-tuning one volume, predicting it and pretraining
+(kaf.app.workflow.finetune_volume, predict_volume, pretrain_volumes)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from volume_factory import synthetic_volume
+import torch
+from volume_factory import save_nifti, synthetic_volume
 
-from kaf.app.workflow import finetune_volume
+from kaf.app.workflow import (
+    finetune_volume,
+    load_finetuned_model,
+    predict_trained,
+    predict_volume,
+    prepare_for_inference,
+    pretrain_volumes,
+)
 from kaf.data.annotation import sparse_annotation
 from kaf.data.volume_io import Volume
-from kaf.jobs.events import drive
+from kaf.jobs.events import CancelToken, drive
 from kaf.jobs.finetune import FinetuneSettings
-from kaf.models.checkpoints import load_checkpoint
-from kaf.runtime.errors import InputDataError
+from kaf.jobs.predict import predict
+from kaf.jobs.pretrain import PretrainSettings
+from kaf.models.checkpoints import load_checkpoint, save_checkpoint
+from kaf.runtime.errors import CheckpointError, InputDataError, JobCancelled
 
 QUICK = FinetuneSettings(steps=2, batch_size=2, crop_size=32, device="cpu")
 CUSTOM = FinetuneSettings(preset="custom", steps=2, batch_size=2, crop_size=32, device="cpu")
@@ -60,3 +71,84 @@ def test_on_ready_runs_once_the_inputs_are_checked_and_before_training():
     job = finetune_volume(image, annotation, QUICK, on_ready=lambda: happened.append("ready"))
     drive(job, lambda event: happened.append(event.stage))
     assert happened[0] == "ready" and happened.count("ready") == 1 and "finetune" in happened
+
+
+@pytest.fixture
+def finetuned(tmp_path):
+    image, annotation = _inputs()
+    trained = drive(finetune_volume(image, annotation, QUICK))
+    path = save_checkpoint(
+        tmp_path / "model.safetensors", trained.result.model.state_dict(), trained.result.metadata
+    )
+    return image, trained, path
+
+
+def test_predicting_from_a_checkpoint_replays_its_preparation_on_the_input_grid(finetuned):
+    image, _, path = finetuned
+    segmentation = drive(predict_volume(image, path, device="cpu"))
+    model, metadata = load_finetuned_model(path)
+    by_hand = drive(predict(model, prepare_for_inference(image, metadata), "cpu"))
+    assert segmentation.labels.shape == image.array.shape
+    np.testing.assert_array_equal(segmentation.labels, by_hand.labels)
+    assert segmentation.uncertainty is None  # only when asked for
+    counts = segmentation.voxels_per_label()
+    assert list(counts) == metadata.label_names and sum(counts.values()) == image.array.size
+    uncertain = drive(predict_volume(image, path, device="cpu", uncertainty=True, largest_component=False))
+    assert uncertain.uncertainty.shape == image.array.shape
+    np.testing.assert_array_equal(uncertain.uncertainty, uncertain.prediction.uncertainty())
+
+
+def test_a_model_in_memory_predicts_on_the_image_it_was_trained_on(finetuned):
+    image, trained, _ = finetuned
+    result = trained.result
+    events = []
+    job = predict_trained(image, trained, device="cpu")
+    segmentation = drive(job, events.append)
+    assert segmentation.prepared is trained.prepared and segmentation.model is result.model
+    assert {event.stage for event in events} == {"predict"}  # nothing loaded, nothing prepared again
+
+
+def test_predicting_needs_a_fine_tuned_model(custom_checkpoint):
+    image, _ = _inputs()
+    with pytest.raises(CheckpointError, match="no model to predict with yet"):
+        drive(predict_volume(image))
+    with pytest.raises(CheckpointError, match="not a fine-tuned model"):
+        drive(predict_volume(image, custom_checkpoint))
+
+
+PRETRAIN = PretrainSettings(method="kaf", steps=2, batch_size=2, view_size=32, save_every=1, device="cpu")
+
+
+def test_pretraining_reports_skipped_files_and_refuses_resume_with_a_checkpoint(tmp_path):
+    scan = save_nifti(synthetic_volume()[0], tmp_path / "scan.nii.gz")
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a volume")
+    notes = []
+    out = tmp_path / "pretrained.safetensors"
+    pretrained = drive(pretrain_volumes([tmp_path], PRETRAIN, out, notify=notes.append))
+    assert (pretrained.volumes, pretrained.rank, pretrained.result.steps) == (1, 0, 2)
+    assert any("CPU is slow" in note for note in notes)
+    assert any(note.startswith("warning: ") and "broken.nii.gz" in note for note in notes)
+    with pytest.raises(InputDataError, match="leave out --checkpoint"):
+        drive(pretrain_volumes([scan], PRETRAIN, out, resume=out, checkpoint=out))
+
+
+def test_a_stopped_pretraining_resumes_to_the_weights_of_a_straight_run(tmp_path):
+    scan = save_nifti(synthetic_volume()[0], tmp_path / "scan.nii.gz")
+    straight, stopped = tmp_path / "straight.safetensors", tmp_path / "stopped.safetensors"
+    drive(pretrain_volumes([scan], PRETRAIN, straight))
+    cancel = CancelToken()
+
+    def stop_after_the_first_step(event):
+        if event.loss is not None:
+            cancel.cancel()
+
+    with pytest.raises(JobCancelled):
+        drive(pretrain_volumes([scan], PRETRAIN, stopped, cancel=cancel), stop_after_the_first_step)
+    # The resumed run takes its length, batch and view size from the checkpoint.
+    unset = PretrainSettings(method="kaf", save_every=1, device="cpu")
+    resumed = drive(pretrain_volumes([scan], unset, stopped, resume=stopped))
+    assert resumed.result.steps == 1
+    expected, got = load_checkpoint(straight)[0], load_checkpoint(stopped)[0]
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -18,10 +17,13 @@ import numpy as np
 
 from kaf.app.figures import attention_figure
 from kaf.app.workflow import (
+    Segmentation,
     finetune_volume,
     load_finetuned_model,
-    load_initialisation,
+    predict_trained,
+    predict_volume,
     prepare_for_inference,
+    pretrain_volumes,
     read_annotation,
 )
 from kaf.data.annotation import sparse_annotation
@@ -30,7 +32,7 @@ from kaf.data.slices import take_slices
 from kaf.data.volume_io import Volume, read_labels, read_volume, write_class_maps, write_labels, write_volume
 from kaf.jobs.explain import explain as explain_job
 from kaf.jobs.finetune import FinetuneSettings
-from kaf.jobs.predict import predict as predict_job
+from kaf.jobs.pretrain import PretrainSettings
 from kaf.models.checkpoints import save_checkpoint
 from kaf.models.default_weights import RANDOM_KEYWORD
 from kaf.runtime.atomic import refuse_overwrite, replace_atomically
@@ -100,53 +102,29 @@ def finetune(args, printer, cancel, run) -> dict:
 
 
 def pretrain(args, printer, cancel, run) -> dict:
-    from kaf.data.keypoints import KeypointConfig
-    from kaf.jobs import pretrain as engine
-    from kaf.ssl.data import load_pretrain_data
-
     if args.resume is None or Path(args.resume).resolve() != Path(args.out).resolve():
         refuse_overwrite([args.out], args.force)
-    settings = engine.PretrainSettings(
-        **{f.name: getattr(args, f.name) for f in fields(engine.PretrainSettings)}
+    settings = PretrainSettings(**{f.name: getattr(args, f.name) for f in fields(PretrainSettings)})
+    job = pretrain_volumes(
+        args.data,
+        settings,
+        args.out,
+        resume=args.resume,
+        checkpoint=args.checkpoint,
+        slice_axis=args.slice_axis,
+        modality=args.modality,
+        notify=lambda message: print(f"kaf: {message}", file=sys.stderr, flush=True),
+        cancel=cancel,
     )
-    if args.resume and args.checkpoint:
-        raise InputDataError("--resume continues a run with its own weights: leave out --checkpoint")
-    start = load_initialisation(args.checkpoint, settings.preset) if args.checkpoint else None
-    resume = None
-    if args.resume:
-        resume = engine.read_resume_point(args.resume, args.method, settings.model_config())
-        settings = engine.with_resume_defaults(settings, resume)
-    device = engine.rank_device(settings.device)
-    comm = engine.communicator_from_environment(device)
-    if comm.rank != 0:
+    pretrained = run(job, printer)
+    if pretrained.rank != 0:
         printer.mode = "silent"
-    elif device.type == "cpu":
-        print(
-            "kaf: pretraining on the CPU is slow (hours on real data); use a GPU where you can",
-            file=sys.stderr,
-        )
-    config = settings.model_config()
-    view_size = settings.view_size or _method_view_size(args.method)
-    with warnings.catch_warnings():  # each skipped file is printed once below, without Python's decoration
-        warnings.simplefilter("ignore", UserWarning)
-        data = load_pretrain_data(
-            args.data,
-            input_size=config.input_size,
-            min_side=view_size // 2,
-            keypoints=KeypointConfig(max_keypoints=config.max_keypoints),
-            slice_axis=args.slice_axis,
-            modality=args.modality,
-        )
-    for message in data.skipped:
-        print(f"kaf: warning: {message}", file=sys.stderr, flush=True)
-    result = run(
-        engine.pretrain(data, settings, args.out, resume, cancel, comm, device, start=start), printer
-    )
+    result = pretrained.result
     summary = {
         "checkpoint": str(args.out),
         "method": args.method,
-        "volumes": len(data.volumes),
-        "slices": data.slice_count,
+        "volumes": pretrained.volumes,
+        "slices": pretrained.slices,
         "steps": result.steps,
         "final_loss": round(result.losses[-1], 4) if result.losses else None,
         **{name: round(value, 4) for name, value in result.last_terms.items()},
@@ -157,34 +135,31 @@ def pretrain(args, printer, cancel, run) -> dict:
     return summary
 
 
-def _method_view_size(method: str) -> int:
-    from kaf.ssl import make_method
-
-    return make_method(method).config.view_size
-
-
-def _write_prediction(prediction, image: Volume, out, probabilities, uncertainty) -> None:
-    write_labels(prediction.labels, image, out)
+def _write_prediction(segmentation: Segmentation, image: Volume, out, probabilities, uncertainty) -> None:
+    write_labels(segmentation.labels, image, out)
     if probabilities:
-        write_class_maps(prediction.probabilities, image.affine, probabilities)
+        write_class_maps(segmentation.prediction.probabilities, image.affine, probabilities)
     if uncertainty:
-        write_volume(prediction.uncertainty(), image.affine, uncertainty)
+        write_volume(segmentation.uncertainty, image.affine, uncertainty)
 
 
 def predict(args, printer, cancel, run) -> dict:
     refuse_overwrite([args.out, args.probabilities, args.uncertainty], args.force)
     image = read_volume(args.image)
-    model, metadata = load_finetuned_model(args.checkpoint)
-    prepared = prepare_for_inference(image, metadata)
-    prediction = run(
-        predict_job(model, prepared, args.device, args.batch_size, cancel, not args.keep_all_components),
-        printer,
+    job = predict_volume(
+        image,
+        args.checkpoint,
+        device=args.device,
+        batch_size=args.batch_size,
+        largest_component=not args.keep_all_components,
+        uncertainty=bool(args.uncertainty),
+        cancel=cancel,
     )
-    _write_prediction(prediction, image, args.out, args.probabilities, args.uncertainty)
-    counts = np.bincount(prediction.labels.ravel(), minlength=len(metadata.label_names))
+    segmentation = run(job, printer)
+    _write_prediction(segmentation, image, args.out, args.probabilities, args.uncertainty)
     return {
         "segmentation": str(args.out),
-        "voxels_per_label": dict(zip(metadata.label_names, counts.tolist(), strict=False)),
+        "voxels_per_label": segmentation.voxels_per_label(),
         **({"probabilities": str(args.probabilities)} if args.probabilities else {}),
         **({"uncertainty": str(args.uncertainty)} if args.uncertainty else {}),
     }
@@ -267,8 +242,11 @@ def demo(args, printer, cancel, run) -> dict:
         finetune_volume(image, annotation, _settings(args), checkpoint, names, cancel=cancel), printer
     )
     result, prepared = trained.result, trained.prepared
-    prediction = run(predict_job(result.model, prepared, args.device, 4, cancel), printer)
-    mean_dice, per_class = dice_on_unannotated(prediction.labels, reference, annotated, classes)
+    segmentation = run(
+        predict_trained(image, trained, device=args.device, batch_size=4, uncertainty=True, cancel=cancel),
+        printer,
+    )
+    mean_dice, per_class = dice_on_unannotated(segmentation.labels, reference, annotated, classes)
     copy_dice, _ = dice_on_unannotated(
         copy_nearest_annotated(reference, annotated), reference, annotated, classes
     )
@@ -277,10 +255,10 @@ def demo(args, printer, cancel, run) -> dict:
     write_labels(reference, image, out / "reference.nii.gz")
     write_volume(image.array.astype(np.float32), image.affine, out / "image.nii.gz")
     write_labels(sparse, image, out / "annotation.nii.gz")
-    _write_prediction(prediction, image, out / "segmentation.nii.gz", None, out / "uncertainty.nii.gz")
+    _write_prediction(segmentation, image, out / "segmentation.nii.gz", None, out / "uncertainty.nii.gz")
     middle = annotated[0] + (annotated[1] - annotated[0]) // 2  # an unannotated slice between the two
     explanation = run(explain_job(result.model, prepared, middle, args.device), printer)
-    figure_files = _write_explanation(explanation, 0, image, out / "explain", prediction.labels[middle])
+    figure_files = _write_explanation(explanation, 0, image, out / "explain", segmentation.labels[middle])
     summary = {
         "image": str(args.image or "MNI152 2009 T1 template, 2 mm (nilearn)"),
         "annotated_slices": annotated,

@@ -1,13 +1,16 @@
-"""The steps every front-end chains together: read files, prepare, fine-tune, predict, explain.
+"""The steps every front-end chains together: read files, prepare, fine-tune, predict, explain, pretrain.
 
 These functions turn file paths and checkpoints into the objects the jobs take, so the CLI, napari
-and Slicer share one way of doing it. `finetune_volume` is the whole fine-tuning of one volume, with
-its rules (the custom preset, label names, the starting checkpoint) in one place.
+and Slicer share one way of doing it. Each user job is chained once here, with its rules in one place:
+`finetune_volume` (the custom preset, label names, the starting checkpoint), `predict_volume` (which
+model, the checkpoint's preparation replayed, uncertainty) and `pretrain_volumes` (resume defaults,
+view size, data loading, the processes under torchrun).
 """
 
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +23,18 @@ from kaf.data.keypoints import KeypointConfig
 from kaf.data.preparation import PreparedVolume
 from kaf.data.slices import scale_for_max_side
 from kaf.data.volume_io import Volume, read_labels, read_volume
-from kaf.jobs.events import CancelToken, Job
+from kaf.jobs.events import CancelToken, Job, ProgressEvent, drive
 from kaf.jobs.finetune import FinetuneResult, FinetuneSettings, Initialisation, finetune
-from kaf.jobs.pretrain import PretrainSettings, pretrain
+from kaf.jobs.predict import Prediction, predict
+from kaf.jobs.pretrain import (
+    PretrainResult,
+    PretrainSettings,
+    communicator_from_environment,
+    pretrain,
+    rank_device,
+    read_resume_point,
+    with_resume_defaults,
+)
 from kaf.models import KafUNet, ModelConfig, preset_config
 from kaf.models.checkpoints import (
     CUSTOM_PRESET,
@@ -33,7 +45,8 @@ from kaf.models.checkpoints import (
 )
 from kaf.models.default_weights import resolve_checkpoint
 from kaf.runtime.errors import CheckpointError, InputDataError
-from kaf.ssl.data import volumes_from_arrays
+from kaf.ssl import make_method
+from kaf.ssl.data import load_pretrain_data, volumes_from_arrays
 
 
 def prepare_for_training(
@@ -194,3 +207,131 @@ def finetune_volume(
             )
     result = yield from finetune(prepared, annotation, settings, init, names, cancel)
     return TrainedModel(result, prepared)
+
+
+@dataclass
+class Segmentation:
+    """A whole volume segmented, on the grid of the image given, with the model that did it."""
+
+    prediction: Prediction  # labels and class probabilities
+    uncertainty: np.ndarray | None  # (z, y, x) float32 in [0, 1] when asked for (see Prediction.uncertainty)
+    model: KafUNet
+    metadata: CheckpointMetadata
+    prepared: PreparedVolume  # the image as the model saw it; explanation reuses it
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.prediction.labels
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.metadata.label_names)
+
+    def voxels_per_label(self) -> dict[str, int]:
+        counts = np.bincount(self.labels.ravel(), minlength=len(self.label_names))
+        return dict(zip(self.label_names, counts.tolist(), strict=False))
+
+
+def predict_volume(
+    image: Volume,
+    checkpoint: str | Path | None = None,
+    *,
+    model: KafUNet | None = None,
+    metadata: CheckpointMetadata | None = None,
+    prepared: PreparedVolume | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    largest_component: bool = True,
+    uncertainty: bool = False,
+    cancel: CancelToken | None = None,
+) -> Job[Segmentation]:
+    """Segment every slice of `image` with `model` (a model in memory, with its `metadata`), or else with
+    the fine-tuned `checkpoint` file. `prepared`: `image` as the model saw it in training, reused as it is;
+    without it the checkpoint's preparation is replayed on `image` (`prepare_for_inference`: its
+    normalisation recipe, keypoints, slice axis and scale). The labels and probabilities come back on
+    the grid of `image`; `largest_component` keeps each class's largest 3D piece only."""
+    if model is None:
+        if checkpoint is None:
+            raise CheckpointError(
+                "There is no model to predict with yet: fine-tune one, or choose a fine-tuned checkpoint "
+                "file."
+            )
+        yield ProgressEvent("prepare", 0, 1, message=f"loading {Path(checkpoint).name}")
+        model, metadata = load_finetuned_model(checkpoint)
+    elif metadata is None:
+        raise ValueError("a model in memory comes with its checkpoint metadata")
+    if prepared is None:
+        prepared = prepare_for_inference(image, metadata)
+    prediction = yield from predict(model, prepared, device, batch_size, cancel, largest_component)
+    return Segmentation(
+        prediction, prediction.uncertainty() if uncertainty else None, model, metadata, prepared
+    )
+
+
+def predict_trained(image: Volume, trained: TrainedModel, **options) -> Job[Segmentation]:
+    """`predict_volume` with the model just fine-tuned on `image`, on the image as it saw it;
+    `options`: those of `predict_volume` after `prepared`."""
+    result = trained.result
+    return predict_volume(
+        image, model=result.model, metadata=result.metadata, prepared=trained.prepared, **options
+    )
+
+
+@dataclass
+class PretrainedBackbone:
+    result: PretrainResult
+    volumes: int  # volumes read
+    slices: int  # their slices along the slice axis
+    rank: int  # this process under torchrun (0 alone); only rank 0 reports progress and writes
+
+
+def _ignore(message: str) -> None:
+    pass
+
+
+def pretrain_volumes(
+    data: Sequence[str | Path],
+    settings: PretrainSettings,
+    out: str | Path,
+    *,
+    resume: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    slice_axis: int = 0,
+    modality: str = "auto",
+    notify: Callable[[str], None] = _ignore,
+    cancel: CancelToken | None = None,
+) -> Job[PretrainedBackbone]:
+    """Self-supervised pretraining on the volumes (and folders of volumes) `data`, saving to `out`.
+    `resume`: a pretraining checkpoint this run continues exactly, with its seed and, where `settings`
+    leave them None, its length, batch, rate, optimiser and view size; `checkpoint` (not with `resume`):
+    weights to start the backbone from ('default': the shipped ones). Under torchrun every process runs
+    this: each joins the process group and takes its own GPU; only rank 0 yields progress events.
+    `notify` gets a note for the user: pretraining on the CPU, each data file skipped."""
+    if resume and checkpoint:
+        raise InputDataError("--resume continues a run with its own weights: leave out --checkpoint")
+    start = load_initialisation(checkpoint, settings.preset) if checkpoint else None
+    point = None
+    if resume:
+        point = read_resume_point(resume, settings.method, settings.model_config())
+        settings = with_resume_defaults(settings, point)
+    device = rank_device(settings.device)
+    comm = communicator_from_environment(device)
+    if comm.rank == 0 and device.type == "cpu":
+        notify("pretraining on the CPU is slow (hours on real data); use a GPU where you can")
+    config = settings.model_config()
+    view_size = settings.view_size or make_method(settings.method).config.view_size
+    with warnings.catch_warnings():  # each skipped file goes to `notify` once, without Python's decoration
+        warnings.simplefilter("ignore", UserWarning)
+        volumes = load_pretrain_data(
+            data,
+            input_size=config.input_size,
+            min_side=view_size // 2,
+            keypoints=KeypointConfig(max_keypoints=config.max_keypoints),
+            slice_axis=slice_axis,
+            modality=modality,
+        )
+    for message in volumes.skipped:
+        notify(f"warning: {message}")
+    job = pretrain(volumes, settings, out, point, cancel, comm, device, start=start)
+    result = (yield from job) if comm.rank == 0 else drive(job)
+    return PretrainedBackbone(result, len(volumes.volumes), volumes.slice_count, comm.rank)
