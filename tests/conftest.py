@@ -53,15 +53,18 @@ CUSTOM_ARCHITECTURE = ModelConfig(
 @pytest.fixture
 def custom_checkpoint(tmp_path) -> Path:
     """A KAF-pretrained checkpoint (random weights) of CUSTOM_ARCHITECTURE."""
+    return random_checkpoint(tmp_path / "custom.safetensors", "kaf")
+
+
+def random_checkpoint(path: Path, method: str) -> Path:
+    """A checkpoint of CUSTOM_ARCHITECTURE with random weights, as made by `method` ('finetune', 'kaf')."""
     torch.manual_seed(0)
     metadata = CheckpointMetadata(
         preset=CUSTOM_PRESET,
         model=CUSTOM_ARCHITECTURE.to_dict(),
-        method="kaf",
+        method=method,
         label_names=default_label_names(CUSTOM_ARCHITECTURE.classes),
         normalization=None,
         keypoints=KeypointConfig(max_keypoints=CUSTOM_ARCHITECTURE.max_keypoints).to_dict(),
     )
-    return save_checkpoint(
-        tmp_path / "custom.safetensors", KafUNet(CUSTOM_ARCHITECTURE).state_dict(), metadata
-    )
+    return save_checkpoint(path, KafUNet(CUSTOM_ARCHITECTURE).state_dict(), metadata)

@@ -34,10 +34,12 @@ from kaf.jobs.explain import explain as explain_job
 from kaf.jobs.finetune import FinetuneSettings
 from kaf.jobs.pretrain import PretrainSettings
 from kaf.models.checkpoints import save_checkpoint
-from kaf.models.default_weights import RANDOM_KEYWORD
-from kaf.runtime.atomic import refuse_overwrite, replace_atomically
+from kaf.models.config import KAF_LEVELS
+from kaf.models.default_weights import RANDOM_KEYWORD, resolve_checkpoint
+from kaf.runtime.atomic import check_outputs, replace_atomically, same_file
 from kaf.runtime.devices import cpu_warning, resolve_device
-from kaf.runtime.errors import InputDataError
+from kaf.runtime.errors import InputDataError, InputFileError
+from kaf.ssl.data import find_volume_paths
 
 
 def _settings(args) -> FinetuneSettings:
@@ -69,8 +71,18 @@ def _warn_on_cpu(device_name: str) -> None:
         print(f"kaf: {warning}", flush=True, file=sys.stderr)
 
 
+def _checkpoint_input(value: str | None) -> Path | None:
+    """The file a --checkpoint argument reads ('default': the shipped one), None where it reads none."""
+    return None if value is None or value == RANDOM_KEYWORD else resolve_checkpoint(value)
+
+
 def finetune(args, printer, cancel, run) -> dict:
-    refuse_overwrite([args.out], args.force)
+    inputs = {
+        "--image": args.image,
+        "--labels": args.labels,
+        "--checkpoint": _checkpoint_input(args.checkpoint),
+    }
+    check_outputs({"--out": args.out}, inputs, args.force)
     image = read_volume(args.image)
     annotation = read_annotation(
         args.labels, image, args.slice_axis, _int_list(args.annotated_slices, "--annotated-slices")
@@ -102,8 +114,10 @@ def finetune(args, printer, cancel, run) -> dict:
 
 
 def pretrain(args, printer, cancel, run) -> dict:
-    if args.resume is None or Path(args.resume).resolve() != Path(args.out).resolve():
-        refuse_overwrite([args.out], args.force)
+    # Resuming into its own checkpoint is how a run continues: that --out may exist without --force.
+    continues = args.resume is not None and same_file(args.resume, args.out)
+    inputs = {"--data": find_volume_paths(args.data), "--checkpoint": _checkpoint_input(args.checkpoint)}
+    check_outputs({"--out": args.out}, inputs, args.force or continues)
     settings = PretrainSettings(**{f.name: getattr(args, f.name) for f in fields(PretrainSettings)})
     job = pretrain_volumes(
         args.data,
@@ -144,7 +158,8 @@ def _write_prediction(segmentation: Segmentation, image: Volume, out, probabilit
 
 
 def predict(args, printer, cancel, run) -> dict:
-    refuse_overwrite([args.out, args.probabilities, args.uncertainty], args.force)
+    outputs = {"--out": args.out, "--probabilities": args.probabilities, "--uncertainty": args.uncertainty}
+    check_outputs(outputs, {"--image": args.image, "--checkpoint": args.checkpoint}, args.force)
     image = read_volume(args.image)
     job = predict_volume(
         image,
@@ -165,25 +180,40 @@ def predict(args, printer, cancel, run) -> dict:
     }
 
 
+def _explanation_files(out: Path, levels: list[int]) -> list[Path]:
+    """keypoints.csv, one attention map per KAF level, the figure: what an explanation writes in `out`."""
+    return [
+        out / "keypoints.csv",
+        *(out / f"attention_level{level}.nii.gz" for level in levels),
+        out / "attention.png",
+    ]
+
+
 def _write_explanation(explanation, keypoint: int, image: Volume, out: Path, segmentation=None) -> list[str]:
-    out.mkdir(parents=True, exist_ok=True)
-    with replace_atomically(out / "keypoints.csv") as temporary:
+    table, *maps, figure = _explanation_files(out, explanation.levels)
+    _output_folder(out)
+    with replace_atomically(table) as temporary:
         rows = ["index,row,col,score"] + [
             f"{i},{r:.2f},{c:.2f},{s:.5f}"
             for i, ((r, c), s) in enumerate(zip(explanation.keypoints, explanation.scores, strict=True))
         ]
         temporary.write_text("\n".join(rows) + "\n")
-    written = [str(out / "keypoints.csv")]
+    written = [str(table)]
     slice_affine = _single_slice_affine(
         image.affine, explanation.prepared.slice_axis, explanation.slice_index
     )
-    for level in explanation.levels:
-        maps = np.stack([explanation.attention_map(level, h, keypoint) for h in range(explanation.heads)])
-        path = out / f"attention_level{level}.nii.gz"
-        write_class_maps(_as_slice_volume(maps, explanation.prepared.slice_axis), slice_affine, path)
+    for level, path in zip(explanation.levels, maps, strict=True):
+        heads = np.stack([explanation.attention_map(level, h, keypoint) for h in range(explanation.heads)])
+        write_class_maps(_as_slice_volume(heads, explanation.prepared.slice_axis), slice_affine, path)
         written.append(str(path))
-    written.append(str(attention_figure(explanation, keypoint, out / "attention.png", segmentation)))
+    written.append(str(attention_figure(explanation, keypoint, figure, segmentation)))
     return written
+
+
+def _output_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputFileError(out, "is a file, but --out names the folder to write into; choose a folder")
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _as_slice_volume(maps_hw: np.ndarray, slice_axis: int) -> np.ndarray:
@@ -200,12 +230,16 @@ def _single_slice_affine(affine: np.ndarray, slice_axis: int, index: int) -> np.
 
 
 def explain(args, printer, cancel, run) -> dict:
-    image = read_volume(args.image)
     model, metadata = load_finetuned_model(args.checkpoint)
+    out = Path(args.out)
+    # The folder is the command's own (it has no --force); only the inputs are protected.
+    files = [out, *_explanation_files(out, list(metadata.model_config().kaf_levels))]
+    check_outputs({"--out": files}, {"--image": args.image, "--checkpoint": args.checkpoint}, force=True)
+    image = read_volume(args.image)
     prepared = prepare_for_inference(image, metadata)
     explanation = run(explain_job(model, prepared, args.slice, args.device), printer)
     keypoint = args.keypoint or 0
-    written = _write_explanation(explanation, keypoint, image, Path(args.out))
+    written = _write_explanation(explanation, keypoint, image, out)
     return {
         "slice": args.slice,
         "keypoints": len(explanation.keypoints),
@@ -219,7 +253,19 @@ def demo(args, printer, cancel, run) -> dict:
     from kaf.data.sample_data import mni152_with_tissue_labels
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    files = _demo_files(out)
+    inputs = {
+        "--image": args.image,
+        "--labels": args.labels,
+        "--checkpoint": _checkpoint_input(args.checkpoint),
+    }
+    # The folder is the demo's own and is rewritten at every run; only the inputs are protected.
+    check_outputs(
+        {"--out": [out, *files.values(), *_explanation_files(files["explain"], list(KAF_LEVELS))]},
+        inputs,
+        force=True,
+    )
+    _output_folder(out)
     if args.image:
         if not args.labels:
             raise InputDataError(
@@ -251,14 +297,14 @@ def demo(args, printer, cancel, run) -> dict:
         copy_nearest_annotated(reference, annotated), reference, annotated, classes
     )
 
-    checkpoint = save_checkpoint(out / "model.safetensors", result.model.state_dict(), result.metadata)
-    write_labels(reference, image, out / "reference.nii.gz")
-    write_volume(image.array.astype(np.float32), image.affine, out / "image.nii.gz")
-    write_labels(sparse, image, out / "annotation.nii.gz")
-    _write_prediction(segmentation, image, out / "segmentation.nii.gz", None, out / "uncertainty.nii.gz")
+    checkpoint = save_checkpoint(files["model"], result.model.state_dict(), result.metadata)
+    write_labels(reference, image, files["reference"])
+    write_volume(image.array.astype(np.float32), image.affine, files["image"])
+    write_labels(sparse, image, files["annotation"])
+    _write_prediction(segmentation, image, files["segmentation"], None, files["uncertainty"])
     middle = annotated[0] + (annotated[1] - annotated[0]) // 2  # an unannotated slice between the two
     explanation = run(explain_job(result.model, prepared, middle, args.device), printer)
-    figure_files = _write_explanation(explanation, 0, image, out / "explain", segmentation.labels[middle])
+    figure_files = _write_explanation(explanation, 0, image, files["explain"], segmentation.labels[middle])
     summary = {
         "image": str(args.image or "MNI152 2009 T1 template, 2 mm (nilearn)"),
         "annotated_slices": annotated,
@@ -270,14 +316,29 @@ def demo(args, printer, cancel, run) -> dict:
         "initialised_from": result.transfer.summary() if result.transfer else "random initialisation",
         "training_seconds": round(result.seconds, 1),
         "checkpoint": str(checkpoint),
-        "segmentation": str(out / "segmentation.nii.gz"),
+        "segmentation": str(files["segmentation"]),
         "figure": figure_files[-1],
     }
-    with replace_atomically(out / "summary.json") as temporary:
+    with replace_atomically(files["summary"]) as temporary:
         temporary.write_text(json.dumps(summary, indent=2))
     if not args.no_viewer and os.environ.get("DISPLAY"):
         summary["viewer"] = _open_viewer(out)
     return summary
+
+
+def _demo_files(out: Path) -> dict[str, Path]:
+    """What the demo writes in its folder, by role; the explanation goes in the subfolder 'explain'."""
+    names = {
+        "model": "model.safetensors",
+        "reference": "reference.nii.gz",
+        "image": "image.nii.gz",
+        "annotation": "annotation.nii.gz",
+        "segmentation": "segmentation.nii.gz",
+        "uncertainty": "uncertainty.nii.gz",
+        "summary": "summary.json",
+        "explain": "explain",
+    }
+    return {role: out / name for role, name in names.items()}
 
 
 def _open_viewer(out: Path) -> str:

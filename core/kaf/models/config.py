@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from kaf.runtime.errors import KafError
 
+KAF_LEVELS = (1, 2, 3, 4)  # the encoder levels that can carry a KAF layer
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -20,7 +22,7 @@ class ModelConfig:
     token_dim: int = 64  # d: width of the keypoint tokens and attention
     attention_heads: int = 4
     attention_blocks: int = 2  # self-attention blocks per KAF layer ("#T" in the paper counts pairs)
-    kaf_levels: tuple[int, ...] = (1, 2, 3, 4)  # encoder levels that carry a KAF layer
+    kaf_levels: tuple[int, ...] = KAF_LEVELS  # encoder levels that carry a KAF layer
     # "kaf": every level outputs 2C channels; a level without a KAF layer fills its second half with
     # zeros (with kaf_levels=() this is the paper's UNet(c2): 27,911,328 parameters at f=32, 8 classes).
     # "plain": levels output C channels and carry no KAF layer: the paper's UNet(c1).
@@ -36,7 +38,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.token_dim % self.attention_heads:
             raise KafError(f"token_dim {self.token_dim} is not divisible by {self.attention_heads} heads")
-        if not set(self.kaf_levels) <= {1, 2, 3, 4}:
+        if not set(self.kaf_levels) <= set(KAF_LEVELS):
             raise KafError(f"kaf_levels must be a subset of 1..4, got {self.kaf_levels}")
         if self.layout not in ("kaf", "plain"):
             raise KafError(f"layout must be 'kaf' or 'plain', got '{self.layout}'")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,10 +37,41 @@ def replace_atomically(path: str | Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
-def refuse_overwrite(paths: list[str | Path | None], force: bool) -> None:
-    """Outputs never replace a user's existing file unless they asked for it (--force)."""
-    existing = [str(p) for p in paths if p is not None and Path(p).exists()]
+PathArgument = str | Path | None
+# Flag -> the path(s) it names: one path, or several (pretraining's --data, the files of an output folder).
+PathArguments = Mapping[str, PathArgument | Sequence[PathArgument]]
+
+
+def same_file(first: str | Path, second: str | Path) -> bool:
+    """Whether two paths name one file: the same inode where both exist (hard and symbolic links, other
+    spellings of the path), else the same resolved path."""
+    first, second = Path(first), Path(second)
+    if first.exists() and second.exists():
+        return os.path.samefile(first, second)
+    return first.resolve() == second.resolve()
+
+
+def check_outputs(outputs: PathArguments, inputs: PathArguments, force: bool) -> None:
+    """Refuse, before any work, an output that is also an input or another output of the same command
+    (even with --force: the input would be lost while it is still needed), and an existing output the user
+    did not ask to overwrite (--force)."""
+    written = list(_each_path(outputs))
+    for index, (out_flag, out) in enumerate(written):
+        for in_flag, source in [*_each_path(inputs), *written[:index]]:
+            if same_file(out, source):
+                raise InputFileError(
+                    out,
+                    f"is given as {in_flag} and also as the output {out_flag}; a command never writes over "
+                    f"its own inputs or outputs, even with --force: choose another {out_flag}",
+                )
+    existing = [out for _, out in written if out.exists()]
     if existing and not force:
         raise InputFileError(
             existing[0], "already exists; choose another name or pass --force to overwrite it"
         )
+
+
+def _each_path(arguments: PathArguments) -> Iterator[tuple[str, Path]]:
+    for flag, value in arguments.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        yield from ((flag, Path(path)) for path in values if path is not None)
