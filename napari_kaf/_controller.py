@@ -20,7 +20,7 @@ import torch
 from kaf.app.workflow import Segmentation, TrainedModel
 from kaf.data.annotation import SparseAnnotation
 from kaf.data.volume_io import Volume
-from kaf.jobs.events import CancelToken, ProgressEvent
+from kaf.jobs.events import CancelToken, ProgressEvent, StepTime
 from kaf.jobs.finetune import FinetuneSettings
 from kaf.runtime.devices import is_out_of_memory
 from kaf.runtime.errors import DeviceError, JobCancelled, KafError
@@ -124,6 +124,7 @@ class KafController:
         self.explained_image: ImageRef | None = None
         self.job: RunningJob | None = None
         self.last_event: ProgressEvent | None = None
+        self.step_times: dict[str, StepTime] = {}  # by the device name a fine-tune was asked to run on
         self._follow_up: Callable[[], Any] | None = None
         self._attention_job: Job | None = None
         self._attention_wanted: tuple[int, int, int] | None = None
@@ -230,15 +231,17 @@ class KafController:
         args = (volume, annotation, settings, checkpoint, cancel, torch.get_num_threads(), adapt_seconds)
 
         def trained(result: TrainedModel) -> None:
-            self._on_trained(result, image)
+            self._on_trained(result, image, settings.device)
             if then_predict:
                 self._follow_up = lambda: self.start_predict(volume, image, None, settings.device, "finetune")
 
         return self._start("fine-tuning", "finetune", _jobs.finetune_task, args, trained, image, cancel)
 
-    def _on_trained(self, trained: TrainedModel, image: ImageRef) -> None:
+    def _on_trained(self, trained: TrainedModel, image: ImageRef, device: str) -> None:
         result = trained.result
         self.model, self.metadata = result.model, result.metadata
+        if result.losses:
+            self.step_times[device] = StepTime(len(result.losses), result.seconds)
         self.prepared, self.prepared_source = trained.prepared, image.source
         self.explanation = None
         self.notified.emit(

@@ -74,6 +74,7 @@ class KafWidget(KafPanel):
         self.uncertainty_check.toggled.connect(self._show_uncertainty)
         self.annotation_combo.currentIndexChanged.connect(self._on_annotation_chosen)
         self.device_combo.currentIndexChanged.connect(self._update_device_warning)
+        self.steps_spin.valueChanged.connect(self._update_device_warning)
         self.checkpoint_combo.currentIndexChanged.connect(self._update_checkpoint_row)
 
     def _connect_controller(self) -> None:
@@ -126,6 +127,8 @@ class KafWidget(KafPanel):
             self._progress = cancelable_progress(
                 total=0, desc=f"KAF Segment: {job.name}", cancel_callback=self.controller.stop
             )
+        else:
+            self._update_device_warning()  # a fine-tune that just ended has measured its step time
 
     def _on_progress(self, event: ProgressEvent) -> None:
         text = describe_event(event)
@@ -193,13 +196,17 @@ class KafWidget(KafPanel):
     def device_name(self) -> str:
         return self.device_combo.currentData() or "auto"
 
-    def _update_device_warning(self, _index: int = 0) -> None:
+    def _update_device_warning(self, _value: int = 0) -> None:
+        """The CPU note and, once a fine-tune has run on the chosen device, its measured step time."""
         try:
             warning = cpu_warning(resolve_device(self.device_name()))
         except DeviceError as error:
             warning = str(error)
-        self.cpu_warning_label.setText(warning or "")
-        self.cpu_warning_label.setVisible(bool(warning))
+        measured = self.controller.step_times.get(self.device_name())
+        notes = [warning, measured.describe(self.steps_spin.value()) if measured else None]
+        text = " ".join(note for note in notes if note)
+        self.cpu_warning_label.setText(text)
+        self.cpu_warning_label.setVisible(bool(text))
 
     def _update_checkpoint_row(self, _index: int = 0) -> None:
         self.checkpoint_row.setVisible(self.checkpoint_combo.currentData() == FILE_CHOICE)

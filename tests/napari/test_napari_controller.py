@@ -62,6 +62,10 @@ def test_finetune_predict_explain_and_attention_fill_the_session(session):
     assert {"finetune", "predict"} <= stages
     assert "Predicted every slice" in heard.messages("status")[-1]
     assert not heard.messages("error")
+    # The fine-tune's measured step time, for the next estimate on this device.
+    measured = controller.step_times["cpu"]
+    fine_tune_events = [event for (event,) in heard.calls["progressed"] if event.stage == "finetune"]
+    assert measured.steps == 3 and 0 < measured.seconds <= fine_tune_events[-1].elapsed + 1e-6
 
     assert controller.start_explain(image, 5, "cpu")
     [(explanation, explained_on)] = heard.calls["explained"]

@@ -278,9 +278,17 @@ def test_whole_loop_by_clicks(painted, user, qtbot, tmp_path, monkeypatch, notif
 
     widget, image, _ = painted
     viewer = widget.viewer
+    assert "Measured here" not in widget.cpu_warning_label.text()
     user.click(widget.finetune_button)
     wait_idle(widget)
     assert not _errors(notifications), notifications
+
+    # The device note now states this machine's measured step time, and rescales with the steps typed.
+    measured = widget.controller.step_times["cpu"]
+    assert f"{measured.per_step:.2f} s per fine-tuning step" in widget.cpu_warning_label.text()
+    user.type_value(widget.steps_spin, 100)
+    assert f"about {measured.per_step * 100:.0f} s for 100 steps" in widget.cpu_warning_label.text()
+    user.type_value(widget.steps_spin, 3)
 
     # Prediction on the image grid, the structure found on unpainted slices too; uncertainty hidden, under it.
     prediction, uncertainty = viewer.layers[PREDICTION], viewer.layers[UNCERTAINTY]

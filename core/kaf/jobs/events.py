@@ -35,6 +35,25 @@ class ProgressEvent:
         return json.dumps({"event": "progress", **asdict(self)})
 
 
+@dataclass(frozen=True)
+class StepTime:
+    """How long a finished fine-tune's steps took on one device: the basis of the next job's estimate."""
+
+    steps: int
+    seconds: float
+
+    @property
+    def per_step(self) -> float:
+        return self.seconds / self.steps
+
+    def describe(self, planned_steps: int) -> str:
+        return (
+            f"Measured here: {self.per_step:.2f} s per fine-tuning step ({self.steps} steps in "
+            f"{self.seconds:.0f} s), so about {self.per_step * planned_steps:.0f} s for "
+            f"{planned_steps} steps."
+        )
+
+
 class CancelToken:
     """Thread-safe Stop flag: the GUI sets it, the job checks it at every step."""
 
