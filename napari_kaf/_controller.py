@@ -307,7 +307,7 @@ class KafController:
                 "error", "The model has not seen this image yet: predict it first, then inspect."
             )
             return False
-        args = (self.model, prepared, slice_index, device, torch.get_num_threads())
+        args = (self.model, self.metadata, prepared, slice_index, device, torch.get_num_threads())
         return self._start("explaining", "explain", _jobs.explain_task, args, self._on_explained, image)
 
     def _on_explained(self, explanation: Any) -> None:

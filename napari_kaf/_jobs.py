@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from kaf.app.workflow import finetune_volume, predict_volume
+from kaf.app.workflow import explain_slice, finetune_volume, predict_volume
 from kaf.data.annotation import SparseAnnotation
 from kaf.data.preparation import PreparedVolume
 from kaf.data.volume_io import Volume
 from kaf.jobs.events import CancelToken, ProgressEvent
-from kaf.jobs.explain import Explanation, explain
+from kaf.jobs.explain import Explanation
 from kaf.jobs.finetune import FinetuneSettings
 from kaf.models import KafUNet
 from kaf.models.checkpoints import CheckpointMetadata, save_checkpoint
@@ -105,10 +105,17 @@ def predict_task(
 
 
 def explain_task(
-    model: KafUNet, prepared: PreparedVolume, slice_index: int, device: str, threads: int | None = None
+    model: KafUNet,
+    metadata: CheckpointMetadata,
+    prepared: PreparedVolume,
+    slice_index: int,
+    device: str,
+    threads: int | None = None,
 ) -> Events:
     _use_threads(threads)
-    explanation = yield from explain(model, prepared, slice_index, device)
+    explanation = yield from explain_slice(
+        None, slice_index, model=model, metadata=metadata, prepared=prepared, device=device
+    )
     return explanation
 
 

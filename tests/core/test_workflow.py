@@ -1,5 +1,5 @@
-"""The user's jobs as every front-end runs them: fine-tuning one volume, predicting it and pretraining
-(kaf.app.workflow.finetune_volume, predict_volume, pretrain_volumes)."""
+"""The user's jobs as every front-end runs them: fine-tuning one volume, predicting it, explaining a slice
+and pretraining (kaf.app.workflow.finetune_volume, predict_volume, explain_slice, pretrain_volumes)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from volume_factory import save_nifti, synthetic_volume
 
 from kaf.app.workflow import (
+    explain_slice,
     finetune_volume,
     load_finetuned_model,
     predict_trained,
@@ -20,6 +21,7 @@ from kaf.data.annotation import sparse_annotation
 from kaf.data.volume_io import Volume
 from kaf.jobs.events import CancelToken, drive
 from kaf.jobs.finetune import FinetuneSettings
+from kaf.jobs.explain import explain
 from kaf.jobs.predict import predict
 from kaf.jobs.pretrain import PretrainSettings
 from kaf.models.checkpoints import load_checkpoint, save_checkpoint
@@ -108,12 +110,28 @@ def test_a_model_in_memory_predicts_on_the_image_it_was_trained_on(finetuned):
     assert {event.stage for event in events} == {"predict"}  # nothing loaded, nothing prepared again
 
 
-def test_predicting_needs_a_fine_tuned_model(custom_checkpoint):
+def test_predicting_and_explaining_need_a_fine_tuned_model(custom_checkpoint):
     image, _ = _inputs()
-    with pytest.raises(CheckpointError, match="no model to predict with yet"):
-        drive(predict_volume(image))
-    with pytest.raises(CheckpointError, match="not a fine-tuned model"):
-        drive(predict_volume(image, custom_checkpoint))
+    for job in (predict_volume, lambda *args: explain_slice(image, 3, *args[1:])):
+        with pytest.raises(CheckpointError, match="There is no model yet"):
+            drive(job(image))
+        with pytest.raises(CheckpointError, match="not a fine-tuned model"):
+            drive(job(image, custom_checkpoint))
+
+
+def test_explaining_a_slice_from_a_checkpoint_or_the_session(finetuned):
+    image, trained, path = finetuned
+    from_file = drive(explain_slice(image, 3, path, device="cpu"))
+    model, metadata = load_finetuned_model(path)
+    by_hand = drive(explain(model, prepare_for_inference(image, metadata), 3, "cpu"))
+    np.testing.assert_array_equal(from_file.keypoints, by_hand.keypoints)
+    for level in by_hand.attention:
+        np.testing.assert_allclose(from_file.attention[level], by_hand.attention[level], atol=1e-6)
+    # The session's model on the image as it saw it: nothing loaded or prepared again, no image needed.
+    result, events = trained.result, []
+    job = explain_slice(None, 3, model=result.model, metadata=result.metadata, prepared=trained.prepared)
+    in_memory = drive(job, events.append)
+    assert in_memory.prepared is trained.prepared and {event.stage for event in events} == {"explain"}
 
 
 PRETRAIN = PretrainSettings(method="kaf", steps=2, batch_size=2, view_size=32, save_every=1, device="cpu")

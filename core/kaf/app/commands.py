@@ -18,11 +18,11 @@ import numpy as np
 from kaf.app.figures import attention_figure
 from kaf.app.workflow import (
     Segmentation,
+    explain_slice,
     finetune_volume,
     load_finetuned_model,
     predict_trained,
     predict_volume,
-    prepare_for_inference,
     pretrain_volumes,
     read_annotation,
 )
@@ -30,7 +30,6 @@ from kaf.data.annotation import sparse_annotation
 from kaf.data.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
 from kaf.data.slices import take_slices
 from kaf.data.volume_io import Volume, read_labels, read_volume, write_class_maps, write_labels, write_volume
-from kaf.jobs.explain import explain as explain_job
 from kaf.jobs.finetune import FinetuneSettings
 from kaf.jobs.pretrain import PretrainSettings
 from kaf.models.checkpoints import save_checkpoint
@@ -236,8 +235,8 @@ def explain(args, printer, cancel, run) -> dict:
     files = [out, *_explanation_files(out, list(metadata.model_config().kaf_levels))]
     check_outputs({"--out": files}, {"--image": args.image, "--checkpoint": args.checkpoint}, force=True)
     image = read_volume(args.image)
-    prepared = prepare_for_inference(image, metadata)
-    explanation = run(explain_job(model, prepared, args.slice, args.device), printer)
+    job = explain_slice(image, args.slice, model=model, metadata=metadata, device=args.device)
+    explanation = run(job, printer)
     keypoint = args.keypoint or 0
     written = _write_explanation(explanation, keypoint, image, out)
     return {
@@ -303,7 +302,10 @@ def demo(args, printer, cancel, run) -> dict:
     write_labels(sparse, image, files["annotation"])
     _write_prediction(segmentation, image, files["segmentation"], None, files["uncertainty"])
     middle = annotated[0] + (annotated[1] - annotated[0]) // 2  # an unannotated slice between the two
-    explanation = run(explain_job(result.model, prepared, middle, args.device), printer)
+    job = explain_slice(
+        image, middle, model=result.model, metadata=result.metadata, prepared=prepared, device=args.device
+    )
+    explanation = run(job, printer)
     figure_files = _write_explanation(explanation, 0, image, files["explain"], segmentation.labels[middle])
     summary = {
         "image": str(args.image or "MNI152 2009 T1 template, 2 mm (nilearn)"),

@@ -3,7 +3,8 @@
 These functions turn file paths and checkpoints into the objects the jobs take, so the CLI, napari
 and Slicer share one way of doing it. Each user job is chained once here, with its rules in one place:
 `finetune_volume` (the custom preset, label names, the starting checkpoint), `predict_volume` (which
-model, the checkpoint's preparation replayed, uncertainty) and `pretrain_volumes` (resume defaults,
+model, the checkpoint's preparation replayed, uncertainty), `explain_slice` (the same model choice,
+one slice's keypoints and attention) and `pretrain_volumes` (resume defaults,
 view size, data loading, the processes under torchrun).
 """
 
@@ -24,6 +25,7 @@ from kaf.data.preparation import PreparedVolume
 from kaf.data.slices import scale_for_max_side
 from kaf.data.volume_io import Volume, read_labels, read_volume
 from kaf.jobs.events import CancelToken, Job, ProgressEvent, drive
+from kaf.jobs.explain import Explanation, explain
 from kaf.jobs.finetune import FinetuneResult, FinetuneSettings, Initialisation, finetune
 from kaf.jobs.predict import Prediction, predict
 from kaf.jobs.pretrain import (
@@ -232,6 +234,31 @@ class Segmentation:
         return dict(zip(self.label_names, counts.tolist(), strict=False))
 
 
+def _model_on_image(
+    image: Volume | None,
+    checkpoint: str | Path | None,
+    model: KafUNet | None,
+    metadata: CheckpointMetadata | None,
+    prepared: PreparedVolume | None,
+) -> Job[tuple[KafUNet, CheckpointMetadata, PreparedVolume]]:
+    """The model in memory, else the fine-tuned `checkpoint`'s; `image` as the model saw it (`prepared`)
+    or, without it, with the checkpoint's preparation replayed (`prepare_for_inference`)."""
+    if model is None:
+        if checkpoint is None:
+            raise CheckpointError(
+                "There is no model yet: fine-tune one, or choose a fine-tuned checkpoint file."
+            )
+        yield ProgressEvent("prepare", 0, 1, message=f"loading {Path(checkpoint).name}")
+        model, metadata = load_finetuned_model(checkpoint)
+    elif metadata is None:
+        raise ValueError("a model in memory comes with its checkpoint metadata")
+    if prepared is None:
+        if image is None:
+            raise ValueError("without the prepared image, the image itself is needed")
+        prepared = prepare_for_inference(image, metadata)
+    return model, metadata, prepared
+
+
 def predict_volume(
     image: Volume,
     checkpoint: str | Path | None = None,
@@ -250,18 +277,7 @@ def predict_volume(
     without it the checkpoint's preparation is replayed on `image` (`prepare_for_inference`: its
     normalisation recipe, keypoints, slice axis and scale). The labels and probabilities come back on
     the grid of `image`; `largest_component` keeps each class's largest 3D piece only."""
-    if model is None:
-        if checkpoint is None:
-            raise CheckpointError(
-                "There is no model to predict with yet: fine-tune one, or choose a fine-tuned checkpoint "
-                "file."
-            )
-        yield ProgressEvent("prepare", 0, 1, message=f"loading {Path(checkpoint).name}")
-        model, metadata = load_finetuned_model(checkpoint)
-    elif metadata is None:
-        raise ValueError("a model in memory comes with its checkpoint metadata")
-    if prepared is None:
-        prepared = prepare_for_inference(image, metadata)
+    model, metadata, prepared = yield from _model_on_image(image, checkpoint, model, metadata, prepared)
     prediction = yield from predict(model, prepared, device, batch_size, cancel, largest_component)
     return Segmentation(
         prediction, prediction.uncertainty() if uncertainty else None, model, metadata, prepared
@@ -275,6 +291,22 @@ def predict_trained(image: Volume, trained: TrainedModel, **options) -> Job[Segm
     return predict_volume(
         image, model=result.model, metadata=result.metadata, prepared=trained.prepared, **options
     )
+
+
+def explain_slice(
+    image: Volume | None,
+    slice_index: int,
+    checkpoint: str | Path | None = None,
+    *,
+    model: KafUNet | None = None,
+    metadata: CheckpointMetadata | None = None,
+    prepared: PreparedVolume | None = None,
+    device: str = "auto",
+) -> Job[Explanation]:
+    """Keypoints and attention of slice `slice_index` (along the model's slice axis), with the model and
+    preparation chosen as in `predict_volume`; `image` may be None when `prepared` is given."""
+    model, _metadata, prepared = yield from _model_on_image(image, checkpoint, model, metadata, prepared)
+    return (yield from explain(model, prepared, slice_index, device))
 
 
 @dataclass
