@@ -251,6 +251,24 @@ def test_cli_pretrain_writes_a_checkpoint_and_refuses_bad_input(tmp_path, capsys
     adam = ["--data", str(volume), "--out", str(adam_out), "--view-size", "32", "--batch-size", "2"]
     assert main(["pretrain", "--method", "kaf", *adam, "--steps", "1", "--optimiser", "adam"]) == 0
     assert any(name.endswith(".exp_avg") for name in load_checkpoint(adam_out)[0])
+    options_out = tmp_path / "options.safetensors"
+    options = ["--method-option", "position_threshold=0.1", "--method-option", "pcl_head_norm=true"]
+    chosen = ["--data", str(volume), "--out", str(options_out), "--view-size", "32", "--batch-size", "2"]
+    assert main(["pretrain", "--method", "kaf", *chosen, "--steps", "1", *options]) == 0
+    weights, metadata = load_checkpoint(options_out)
+    stored = metadata.extra["pretrain"]["method_config"]
+    assert stored["position_threshold"] == 0.1 and stored["pcl_head_norm"] is True
+    assert any(name.startswith("ssl_heads.pcl.1.running_mean") for name in weights)  # the BatchNorm
+    for bad, message in [
+        ("temperature=-1", "temperature must be positive"),
+        ("temperature=nan", "must be finite"),
+        ("pcl_head_norm=maybe", "must be true or false"),
+        ("no_such_field=1", "one of the kaf method's fields"),
+    ]:
+        refused = ["--data", str(volume), "--out", str(tmp_path / "bad.safetensors"), "--method-option", bad]
+        assert main(["pretrain", "--method", "kaf", *refused, "--progress", "none"]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()
 
     assert main(["pretrain", "--method", "gcl", *common, "--resume", str(out), "--progress", "none"]) == 2
     assert "pretrained with method 'kaf', not 'gcl'" in capsys.readouterr().err

@@ -20,8 +20,8 @@ from kaf.app.workflow import (
 from kaf.data.annotation import sparse_annotation
 from kaf.data.volume_io import Volume
 from kaf.jobs.events import CancelToken, drive
-from kaf.jobs.finetune import FinetuneSettings
 from kaf.jobs.explain import explain
+from kaf.jobs.finetune import FinetuneSettings
 from kaf.jobs.predict import predict
 from kaf.jobs.pretrain import PretrainSettings
 from kaf.models.checkpoints import load_checkpoint, save_checkpoint

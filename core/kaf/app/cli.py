@@ -287,6 +287,15 @@ def add_pretrain_parser(commands) -> None:
         default=None,
         help="side of the training views, a multiple of 16 (default 128)",
     )
+    pretrain.add_argument(
+        "--method-option",
+        dest="method_options",
+        action="append",
+        default=None,
+        metavar="FIELD=VALUE",
+        help="override one number or true/false field of the method's configuration (repeatable), "
+        "e.g. position_threshold=0.1",
+    )
     pretrain.add_argument("--resume", help="continue this pretraining checkpoint exactly where it stopped")
     pretrain.add_argument(
         "--checkpoint",

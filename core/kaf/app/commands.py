@@ -117,7 +117,8 @@ def pretrain(args, printer, cancel, run) -> dict:
     continues = args.resume is not None and same_file(args.resume, args.out)
     inputs = {"--data": find_volume_paths(args.data), "--checkpoint": _checkpoint_input(args.checkpoint)}
     check_outputs({"--out": args.out}, inputs, args.force or continues)
-    settings = PretrainSettings(**{f.name: getattr(args, f.name) for f in fields(PretrainSettings)})
+    chosen = {f.name: getattr(args, f.name) for f in fields(PretrainSettings)}
+    settings = PretrainSettings(**{**chosen, "method_options": tuple(args.method_options or ())})
     job = pretrain_volumes(
         args.data,
         settings,

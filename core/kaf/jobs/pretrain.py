@@ -44,7 +44,7 @@ from kaf.runtime.devices import (
     resolve_device,
 )
 from kaf.runtime.errors import CheckpointError, InputDataError, JobCancelled
-from kaf.ssl import make_method
+from kaf.ssl import make_method, parse_method_options
 from kaf.ssl.base import Communicator, OptimiserSettings, PretrainMethod, item_generators, to_device
 from kaf.ssl.data import PretrainData
 
@@ -68,6 +68,7 @@ class PretrainSettings:
     device: str = "auto"
     time_budget: float | None = None  # seconds for the whole run; stops after the step that passes it
     save_every: int = 500  # steps between checkpoints (always at the end)
+    method_options: tuple[str, ...] = ()  # "FIELD=VALUE" overrides of the method's config
 
     def __post_init__(self) -> None:
         if self.backbone not in ("kaf", "unet"):
@@ -84,13 +85,15 @@ class PretrainSettings:
             raise InputDataError(f"the learning rate must be positive, got {self.learning_rate}")
         if self.optimiser not in (None, "sgd", "adam"):
             raise InputDataError(f"the optimiser must be 'sgd' or 'adam', got '{self.optimiser}'")
+        parse_method_options(self.method, self.method_options)  # refused here, before any data is read
 
     def model_config(self) -> ModelConfig:
         config = preset_config(self.preset)
         return config if self.backbone == "kaf" else config.plain_unet()
 
     def method_overrides(self) -> dict:
-        return {} if self.view_size is None else {"view_size": self.view_size}
+        view = {} if self.view_size is None else {"view_size": self.view_size}
+        return {**parse_method_options(self.method, self.method_options), **view}
 
 
 @dataclass
@@ -469,11 +472,13 @@ def _jsonable(value):
 
 
 def with_resume_defaults(settings: PretrainSettings, resume: ResumePoint) -> PretrainSettings:
-    """The resumed run keeps the checkpoint's seed, and its length, batch, rate and view size wherever
-    the user did not give new ones."""
+    """The resumed run keeps the checkpoint's seed, and its length, batch, rate, view size and method
+    options wherever the user did not give new ones."""
     saved = resume.metadata.extra["pretrain"]["settings"]
     keep = ("steps", "epochs", "batch_size", "learning_rate", "optimiser", "view_size")
     filled = {key: saved.get(key) for key in keep if getattr(settings, key) is None}
+    if not settings.method_options:
+        filled["method_options"] = tuple(saved.get("method_options", ()))
     if settings.steps is not None or settings.epochs is not None:
         filled.pop("steps", None)
         filled.pop("epochs", None)

@@ -11,9 +11,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import math
+from collections.abc import Sequence
 
-from kaf.runtime.errors import KafError
+from kaf.runtime.errors import InputDataError, KafError
 from kaf.ssl.base import PretrainMethod
 
 # name -> (module, class); imported on demand so that choosing one method does not import the others.
@@ -25,10 +28,56 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 
 
-def make_method(name: str, **config_overrides) -> PretrainMethod:
-    """The pretraining method `name` with its paper defaults, optionally overriding config fields."""
+def _method_class(name: str) -> type[PretrainMethod]:
     if name not in METHODS:
         raise KafError(f"unknown pretraining method '{name}'; choose one of: {', '.join(METHODS)}")
     module_name, class_name = METHODS[name]
-    method_class = getattr(importlib.import_module(module_name), class_name)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def make_method(name: str, **config_overrides) -> PretrainMethod:
+    """The pretraining method `name` with its paper defaults, optionally overriding config fields."""
+    method_class = _method_class(name)
     return method_class(method_class.config_class(**config_overrides))
+
+
+def parse_method_options(name: str, options: Sequence[str]) -> dict[str, bool | int | float]:
+    """Config overrides from "FIELD=VALUE" texts (`kaf pretrain --method-option`): only the method's
+    number and yes/no fields, each converted to its field's type and checked by the config itself."""
+    config_class = _method_class(name).config_class
+    settable = {
+        f.name: type(f.default)
+        for f in dataclasses.fields(config_class)
+        if type(f.default) in (bool, int, float)
+    }
+    overrides: dict[str, bool | int | float] = {}
+    for text in options:
+        key, separator, value = text.partition("=")
+        if not separator or key.strip() not in settable:
+            raise InputDataError(
+                f"--method-option '{text}': give FIELD=VALUE with one of the {name} method's fields: "
+                f"{', '.join(sorted(settable))}"
+            )
+        key = key.strip()
+        overrides[key] = _option_value(text, value.strip(), settable[key])
+    try:
+        config_class(**overrides)
+    except ValueError as error:
+        raise InputDataError(f"--method-option: {error}") from error
+    return overrides
+
+
+def _option_value(text: str, value: str, kind: type) -> bool | int | float:
+    if kind is bool:
+        if value.lower() not in ("true", "false"):
+            raise InputDataError(f"--method-option '{text}': the value must be true or false")
+        return value.lower() == "true"
+    try:
+        number = kind(value)
+    except ValueError as error:
+        raise InputDataError(
+            f"--method-option '{text}': the value must be a{'n integer' if kind is int else ' number'}"
+        ) from error
+    if not math.isfinite(number):
+        raise InputDataError(f"--method-option '{text}': the value must be finite")
+    return number

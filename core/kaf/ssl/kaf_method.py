@@ -61,6 +61,9 @@ class KafConfig:
     sinkhorn_iterations: int = 100
     dustbin_init: float = 1.0
     projection_dim: int = 512
+    # BatchNorm1d after the PCL head's first Linear, as in the global head (ours; the paper's PCL head has
+    # none): see BENCHMARKS.md, "the embeddings collapse"
+    pcl_head_norm: bool = False
     view_size: int = 128  # views are view_size^2 (the reference pads/crops to 352)
     batch_size: int = 32  # [code]
     augmentation: KafAugmentation = field(default_factory=KafAugmentation)
@@ -73,6 +76,9 @@ class KafConfig:
     def __post_init__(self) -> None:
         if self.view_size % SIDE_MULTIPLE:
             raise ValueError(f"view_size must be a multiple of {SIDE_MULTIPLE}, got {self.view_size}")
+        for name in ("temperature", "base_temperature", "position_threshold"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass
@@ -82,6 +88,13 @@ class KafPairBatch:
     keypoint_mask: torch.Tensor  # [2B, N]
     positions: torch.Tensor  # [B] slice position (k + 1) / S of the first slice (both views carry it)
     matches: torch.Tensor  # [B, N]: for view-1 keypoint a, its index among view-2 keypoints, or -1
+
+
+def _pcl_head(bottleneck: int, projection_dim: int, norm: bool) -> nn.Sequential:
+    """Linear(32f -> 16f), [BatchNorm1d,] ReLU, Linear(16f -> projection_dim) on the pooled bottleneck."""
+    hidden = bottleneck // 2
+    layers = [nn.Linear(bottleneck, hidden), *([nn.BatchNorm1d(hidden)] if norm else []), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(hidden, projection_dim))
 
 
 class Matcher(nn.Module):
@@ -122,11 +135,7 @@ class KafPretraining(PretrainMethod):
         token_width = model.config.token_dim * len(model.config.kaf_levels)
         return nn.ModuleDict(
             {
-                "pcl": nn.Sequential(
-                    nn.Linear(bottleneck, bottleneck // 2),
-                    nn.ReLU(),
-                    nn.Linear(bottleneck // 2, config.projection_dim),
-                ),
+                "pcl": _pcl_head(bottleneck, config.projection_dim, config.pcl_head_norm),
                 "token_projection": nn.Conv1d(token_width, config.matcher_dim, 1),
                 "global": nn.Sequential(
                     nn.Linear(config.matcher_dim, config.matcher_dim),
