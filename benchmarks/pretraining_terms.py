@@ -54,6 +54,14 @@ def main() -> None:
     parser.add_argument("--jsonl", type=Path, help="also write every printed row here as JSON lines")
     parser.add_argument("--every", type=int, help="print every N steps (default: steps / 20)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--method-option",
+        dest="method_options",
+        action="append",
+        default=None,
+        metavar="FIELD=VALUE",
+        help="as kaf pretrain --method-option (repeatable)",
+    )
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"the data folder {DATA} is absent: this diagnostic needs ../shared/data")
@@ -67,6 +75,7 @@ def main() -> None:
         batch_size=args.batch or settings.batch_size,
         learning_rate=args.lr or settings.learning_rate,
         optimiser=args.optimiser,
+        method_options=tuple(args.method_options or ()),
     )
     every = args.every or max(1, args.steps // 20)
     print(f"Command: `{shlex.join(['python', *sys.argv])}`; {machine()}, {args.threads} threads")
@@ -74,10 +83,12 @@ def main() -> None:
         f"{dataset.key} pool of {len(cases.pool)} patients; {row.key}: {settings.steps} steps per stage, "
         f"batch {settings.batch_size or 'the method default'}, "
         f"learning rate {settings.learning_rate or 'the method default'}, "
-        f"optimiser {settings.optimiser or 'the method default'}",
+        f"optimiser {settings.optimiser or 'the method default'}, "
+        f"method options {', '.join(settings.method_options) or 'none'}",
         flush=True,
     )
-    run_name = f"{args.row}, optimiser {args.optimiser or 'default'}, lr {args.lr or 'default'}"
+    options = "".join(f", {option}" for option in settings.method_options)
+    run_name = f"{args.row}, optimiser {args.optimiser or 'default'}, lr {args.lr or 'default'}{options}"
     with open(args.jsonl or os.devnull, "w") as rows, tempfile.TemporaryDirectory() as work:
         started = time.perf_counter()
 
