@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 import kaf
 from kaf.models.config import PRESETS, ModelConfig, preset_config
 from kaf.models.unet import KafUNet
+from kaf.runtime.atomic import give_default_permissions
 from kaf.runtime.errors import CheckpointError, KafError
 
 FORMAT_VERSION = 1
@@ -149,6 +150,7 @@ def save_checkpoint(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, temporary, metadata={METADATA_KEY: metadata.to_json()})
+        give_default_permissions(temporary)
         os.replace(temporary, path)
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(
