@@ -12,7 +12,13 @@ from kaf.data.preparation import PreparedVolume
 from kaf.data.slices import put_slices
 from kaf.jobs.events import CancelToken, Job, StageClock
 from kaf.models import KafUNet
-from kaf.runtime.devices import autocast, is_out_of_memory, out_of_memory_error, resolve_device
+from kaf.runtime.devices import (
+    autocast,
+    autocast_dtype,
+    is_out_of_memory,
+    out_of_memory_error,
+    resolve_device,
+)
 from kaf.runtime.errors import InputDataError
 
 # Slices per forward pass when none is asked for. On the CPU one at a time is fastest per slice (2-core
@@ -43,6 +49,21 @@ def predict_slices(
     with torch.no_grad(), autocast(device):
         logits = model(images, keypoints.coords, keypoints.mask).logits
     return prepared.layout.from_model(logits.float().softmax(1).cpu())
+
+
+def _check_finite(probabilities: torch.Tensor, indices: list[int], device: torch.device) -> None:
+    """Stop before anything is written when the model outputs NaN or infinity: labels taken from them would
+    be meaningless, yet look like a segmentation."""
+    if bool(torch.isfinite(probabilities).all()):
+        return
+    where = f"slice {indices[0]}" if len(indices) == 1 else f"slices {indices[0]} to {indices[-1]}"
+    # float16's small range can overflow where full precision does not.
+    fallback = "; or predict with --device cpu" if autocast_dtype(device) == torch.float16 else ""
+    raise InputDataError(
+        f"the model produced non-finite outputs (NaN or infinity) on {where} of the image, so prediction "
+        "stopped without a result: the checkpoint or the image is probably corrupt. Check the image's "
+        f"intensities, or choose another checkpoint{fallback}."
+    )
 
 
 def keep_largest_components(labels: np.ndarray, classes: int) -> np.ndarray:
@@ -82,13 +103,13 @@ def predict(
         cancel.raise_if_cancelled("prediction")
         indices = list(range(start, min(start + batch_size, total)))
         try:
-            probabilities[:, indices] = (
-                predict_slices(model, prepared, indices, device).numpy().transpose(1, 0, 2, 3)
-            )
+            batch = predict_slices(model, prepared, indices, device)
         except RuntimeError as error:
             if is_out_of_memory(error):
                 raise out_of_memory_error(device, "predicting") from error
             raise
+        _check_finite(batch, indices, device)
+        probabilities[:, indices] = batch.numpy().transpose(1, 0, 2, 3)
         yield clock.event("predict", indices[-1] + 1, total)
     probabilities = put_slices(probabilities, prepared.slice_axis)
     label_dtype = np.uint8 if model.config.classes <= 256 else np.uint16

@@ -177,7 +177,24 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
         raise _damaged(path, f"safetensors cannot read it ({exc})") from exc
     except OSError as exc:
         raise CheckpointError(f"{path} cannot be read ({exc}); check its permissions.") from exc
+    _check_finite(tensors, path)
     return tensors, metadata
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse NaN or infinite weights: a model holding them outputs NaN, which would be written as a
+    meaningless segmentation, and training never recovers from them."""
+    bad = [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{path} holds NaN or infinite values in {len(bad)} of its {len(tensors)} tensors (the first: "
+            f"{bad[0]}): it is damaged, or was saved from a training run that diverged. Choose another "
+            "checkpoint, or train again with a lower learning rate."
+        )
 
 
 def _check_container(path: Path) -> None:
