@@ -26,6 +26,7 @@ from kaf.models.config import PRESETS, ModelConfig, preset_config
 from kaf.models.unet import KafUNet
 from kaf.runtime.atomic import give_default_permissions
 from kaf.runtime.errors import CheckpointError, KafError
+from kaf.runtime.problems import listed
 
 FORMAT_VERSION = 1
 METADATA_KEY = "kaf"
@@ -34,7 +35,6 @@ CUSTOM_PRESET = "custom"
 LENGTH_BYTES = 8
 PICKLE_MAGIC = b"\x80"  # the PROTO opcode that starts every pickle of protocol 2 or later
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format: a zip archive holding a pickle
-MAX_LISTED_NAMES = 5
 
 # The JSON types each metadata field must have: a hand-edited or damaged file is caught on loading.
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -114,7 +114,7 @@ class CheckpointMetadata:
             raise _damaged(path, f"its metadata lacks {', '.join(missing)}")
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise _damaged(path, f"its metadata has unknown entries {', '.join(unknown)}")
+            raise _damaged(path, f"its metadata has unknown entries {listed(unknown)}")
         try:
             return cls(**data)
         except (KafError, TypeError, ValueError) as exc:
@@ -354,7 +354,7 @@ def _mismatches(
     selected: list[str],
     considered: list[str],
 ) -> list[str]:
-    """One phrase per kind of problem, each naming at most MAX_LISTED_NAMES tensors."""
+    """One phrase per kind of problem, each naming the first few tensors."""
     missing = [name for name in selected if name not in state]
     unexpected = [name for name in considered if name not in expected]
     reshaped = [
@@ -365,14 +365,8 @@ def _mismatches(
     problems = []
     for label, names in (("missing", missing), ("of another shape", reshaped), ("unexpected", unexpected)):
         if names:
-            problems.append(f"{len(names)} {label}: {_listed(names)}")
+            problems.append(f"{len(names)} {label}: {listed(names)}")
     return problems
-
-
-def _listed(names: list[str]) -> str:
-    shown = ", ".join(names[:MAX_LISTED_NAMES])
-    hidden = len(names) - MAX_LISTED_NAMES
-    return f"{shown} and {hidden} more" if hidden > 0 else shown
 
 
 def _mismatch_message(
