@@ -88,7 +88,7 @@ def test_predict_stops_when_the_model_outputs_are_not_finite(tmp_path: Path, cap
 
     message = _predict(tmp_path, checkpoint, capsys)
 
-    assert "the model produced non-finite outputs (NaN or infinity) on slice 0" in message
+    assert f"the model in {checkpoint} produced non-finite outputs (NaN or infinity) on slice 0" in message
     assert "checkpoint or the image is probably corrupt" in message
 
 

@@ -250,6 +250,7 @@ def predict_volume(
     without it the checkpoint's preparation is replayed on `image` (`prepare_for_inference`: its
     normalisation recipe, keypoints, slice axis and scale). The labels and probabilities come back on
     the grid of `image`; `largest_component` keeps each class's largest 3D piece only."""
+    source = checkpoint if model is None else None  # named in errors about the model's outputs
     if model is None:
         if checkpoint is None:
             raise CheckpointError(
@@ -262,7 +263,7 @@ def predict_volume(
         raise ValueError("a model in memory comes with its checkpoint metadata")
     if prepared is None:
         prepared = prepare_for_inference(image, metadata)
-    prediction = yield from predict(model, prepared, device, batch_size, cancel, largest_component)
+    prediction = yield from predict(model, prepared, device, batch_size, cancel, largest_component, source)
     return Segmentation(
         prediction, prediction.uncertainty() if uncertainty else None, model, metadata, prepared
     )

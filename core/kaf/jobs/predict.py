@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,16 +52,19 @@ def predict_slices(
     return prepared.layout.from_model(logits.float().softmax(1).cpu())
 
 
-def _check_finite(probabilities: torch.Tensor, indices: list[int], device: torch.device) -> None:
+def _check_finite(
+    probabilities: torch.Tensor, indices: list[int], device: torch.device, checkpoint: str | Path | None
+) -> None:
     """Stop before anything is written when the model outputs NaN or infinity: labels taken from them would
     be meaningless, yet look like a segmentation."""
     if bool(torch.isfinite(probabilities).all()):
         return
+    model = f"the model in {checkpoint}" if checkpoint else "the model"
     where = f"slice {indices[0]}" if len(indices) == 1 else f"slices {indices[0]} to {indices[-1]}"
     # float16's small range can overflow where full precision does not.
-    fallback = "; or predict with --device cpu" if autocast_dtype(device) == torch.float16 else ""
+    fallback = "; or predict on the CPU" if autocast_dtype(device) == torch.float16 else ""
     raise InputDataError(
-        f"the model produced non-finite outputs (NaN or infinity) on {where} of the image, so prediction "
+        f"{model} produced non-finite outputs (NaN or infinity) on {where} of the image, so prediction "
         "stopped without a result: the checkpoint or the image is probably corrupt. Check the image's "
         f"intensities, or choose another checkpoint{fallback}."
     )
@@ -88,7 +92,10 @@ def predict(
     batch_size: int | None = None,
     cancel: CancelToken | None = None,
     largest_component: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> Job[Prediction]:
+    """Probabilities and labels for every slice; `checkpoint`, the file `model` came from, is named in
+    errors."""
     cancel = cancel or CancelToken()
     device = resolve_device(device) if isinstance(device, str) else device
     batch_size = default_inference_batch(device) if batch_size is None else batch_size
@@ -108,7 +115,7 @@ def predict(
             if is_out_of_memory(error):
                 raise out_of_memory_error(device, "predicting") from error
             raise
-        _check_finite(batch, indices, device)
+        _check_finite(batch, indices, device, checkpoint)
         probabilities[:, indices] = batch.numpy().transpose(1, 0, 2, 3)
         yield clock.event("predict", indices[-1] + 1, total)
     probabilities = put_slices(probabilities, prepared.slice_axis)
