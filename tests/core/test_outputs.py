@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
 
 from kaf.app.cli import EXIT_USER_ERROR, main
-from kaf.runtime.atomic import check_outputs, same_file
+from kaf.runtime.atomic import check_outputs, same_file, umask
 from kaf.runtime.errors import InputFileError
 from tests.conftest import random_checkpoint, save_nifti, synthetic_volume
 
@@ -161,3 +162,47 @@ def test_an_output_folder_that_is_a_file_is_refused(tmp_path: Path, capsys) -> N
     arguments = ["demo", "--image", str(image), "--labels", str(labels), "--out", str(tmp_path / "out")]
 
     _refused([*arguments, "--no-viewer", *QUIET], capsys, "is a file", "folder")
+
+
+# --- permissions -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_get_the_permissions_of_the_umask(tmp_path: Path, mask: int, mode: int) -> None:
+    """safetensors and private temporaries make files 0600; a written file gets what the umask gives."""
+    image = _image(tmp_path / "in")
+    outputs = {name: tmp_path / name for name in ("m.safetensors", "seg.nii.gz", "uncertainty.nii.gz")}
+    previous = os.umask(mask)
+    try:
+        assert umask() == mask
+        random_checkpoint(outputs["m.safetensors"], "finetune")
+        arguments = ["--image", str(image), "--checkpoint", str(outputs["m.safetensors"]), *QUIET]
+        assert (
+            main(
+                [
+                    "predict",
+                    *arguments,
+                    "--out",
+                    str(outputs["seg.nii.gz"]),
+                    "--uncertainty",
+                    str(outputs["uncertainty.nii.gz"]),
+                ]
+            )
+            == 0
+        )
+    finally:
+        os.umask(previous)
+
+    assert {name: stat.S_IMODE(path.stat().st_mode) for name, path in outputs.items()} == dict.fromkeys(
+        outputs, mode
+    )
+
+
+def test_the_umask_is_read_without_proc_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    previous = os.umask(0o027)
+    try:
+        monkeypatch.setattr(Path, "is_file", lambda self: False)
+        assert umask() == 0o027
+        assert os.umask(0o027) == 0o027  # reading it left it as it was
+    finally:
+        os.umask(previous)

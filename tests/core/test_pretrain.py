@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -169,11 +168,9 @@ def test_empty_folder_unreadable_and_too_small_volumes(tmp_path):
     (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     save_nifti(synthetic_volume()[0], folder / "good.nii.gz")
     save_nifti(np.zeros((4, 8, 8), np.float32) + np.arange(8, dtype=np.float32), folder / "tiny.nii.gz")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        data = load_pretrain_data([folder], 128, 16, keypoints)
+    data = load_pretrain_data([folder], 128, 16, keypoints)
     assert [volume.name for volume in data.volumes] == ["good.nii.gz"]
-    assert any("broken.nii.gz" in str(w.message) for w in caught)
+    assert any(message.startswith(str(folder / "broken.nii.gz")) for message in data.skipped)
     assert any("tiny.nii.gz" in message and "smaller --view-size" in message for message in data.skipped)
     (folder / "good.nii.gz").unlink()
     with pytest.raises(InputDataError, match="no usable volume") as error:

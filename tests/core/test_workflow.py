@@ -26,6 +26,7 @@ from kaf.jobs.predict import predict
 from kaf.jobs.pretrain import PretrainSettings
 from kaf.models.checkpoints import load_checkpoint, save_checkpoint
 from kaf.runtime.errors import CheckpointError, InputDataError, JobCancelled
+from kaf.runtime.problems import SHOWN
 
 QUICK = FinetuneSettings(steps=2, batch_size=2, crop_size=32, device="cpu")
 CUSTOM = FinetuneSettings(preset="custom", steps=2, batch_size=2, crop_size=32, device="cpu")
@@ -139,13 +140,19 @@ PRETRAIN = PretrainSettings(method="kaf", steps=2, batch_size=2, view_size=32, s
 
 def test_pretraining_reports_skipped_files_and_refuses_resume_with_a_checkpoint(tmp_path):
     scan = save_nifti(synthetic_volume()[0], tmp_path / "scan.nii.gz")
-    (tmp_path / "broken.nii.gz").write_bytes(b"not a volume")
+    broken = [tmp_path / f"broken{i}.nii.gz" for i in range(SHOWN + 1)]
+    for path in broken:
+        path.write_bytes(b"not a volume")
     notes = []
     out = tmp_path / "pretrained.safetensors"
     pretrained = drive(pretrain_volumes([tmp_path], PRETRAIN, out, notify=notes.append))
     assert (pretrained.volumes, pretrained.rank, pretrained.result.steps) == (1, 0, 2)
     assert any("CPU is slow" in note for note in notes)
-    assert any(note.startswith("warning: ") and "broken.nii.gz" in note for note in notes)
+    [warning] = [note for note in notes if note.startswith("warning: ")]
+    assert f"{len(broken)} volumes left out: {broken[0]}" in warning and "and 1 more" in warning
+    [log] = tmp_path.glob("kaf-pretraining-skipped-*.log")  # beside the output
+    assert str(log) in warning
+    assert [line.split(":", 1)[0] for line in log.read_text().splitlines()] == list(map(str, broken))
     with pytest.raises(InputDataError, match="leave out --checkpoint"):
         drive(pretrain_volumes([scan], PRETRAIN, out, resume=out, checkpoint=out))
 

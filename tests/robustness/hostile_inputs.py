@@ -448,17 +448,34 @@ def foreign_safetensors(folders: Folders) -> Path:
     return path
 
 
-def with_metadata(edit: Callable[[dict], None]) -> Callable[[Folders], Path]:
-    """The valid checkpoint with its KAF metadata changed by `edit`, the tensors kept."""
+def edited_checkpoint(edit: Callable[[dict[str, torch.Tensor], dict], None]) -> Callable[[Folders], Path]:
+    """The valid checkpoint with its tensors and KAF metadata changed by `edit`."""
 
     def write(folders: Folders) -> Path:
         path = folders.inputs / "model.safetensors"
         tensors, metadata = read_safetensors(folders.finetuned)
-        edit(metadata)
+        edit(tensors, metadata)
         save_file(tensors, path, metadata={"kaf": json.dumps(metadata)})
         return path
 
     return write
+
+
+def with_metadata(edit: Callable[[dict], None]) -> Callable[[Folders], Path]:
+    """The valid checkpoint with its KAF metadata changed by `edit`, the tensors kept."""
+    return edited_checkpoint(lambda tensors, metadata: edit(metadata))
+
+
+def with_weights(value: float, count: int | None = 1) -> Callable[[Folders], Path]:
+    """The valid checkpoint with one value of each of its first `count` weight tensors (every value of
+    every tensor: count None) set to `value`, the metadata kept."""
+
+    def edit(tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+        weights = [tensor for tensor in tensors.values() if tensor.is_floating_point()]
+        for tensor in weights[:count]:
+            tensor.view(-1)[: 1 if count else None] = value
+
+    return edited_checkpoint(edit)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -889,6 +906,30 @@ CASES: list[HostileInput] = [
         culprit="model.safetensors",
         expected="do not fit the model its metadata describes",
         build=predict_checkpoint(with_metadata(lambda data: data["model"].update(base_width=8))),
+    ),
+    HostileInput(
+        name="nan-weights",
+        what="checkpoint with NaN weights",
+        command="predict",
+        culprit="model.safetensors",
+        expected="NaN or infinite values in 2 of its",
+        build=predict_checkpoint(with_weights(np.nan, count=2)),
+    ),
+    HostileInput(
+        name="infinite-weights-finetune",
+        what="checkpoint with an infinite weight, given to finetune --checkpoint",
+        command="finetune",
+        culprit="model.safetensors",
+        expected="NaN or infinite values in 1 of its",
+        build=finetune_from(with_weights(np.inf)),
+    ),
+    HostileInput(
+        name="overflowing-weights",
+        what="checkpoint whose finite weights (all 1e30) make the model output NaN",
+        command="predict",
+        culprit="model.safetensors",
+        expected="produced non-finite outputs",
+        build=predict_checkpoint(with_weights(1e30, count=None)),
     ),
     HostileInput(
         name="empty-checkpoint",

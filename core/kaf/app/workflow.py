@@ -11,7 +11,6 @@ view size, data loading, the processes under torchrun).
 from __future__ import annotations
 
 import tempfile
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +46,9 @@ from kaf.models.checkpoints import (
 )
 from kaf.models.default_weights import resolve_checkpoint
 from kaf.runtime.errors import CheckpointError, InputDataError
+from kaf.runtime.problems import summarise
 from kaf.ssl import make_method
-from kaf.ssl.data import load_pretrain_data, volumes_from_arrays
+from kaf.ssl.data import SKIPPED_LOG, load_pretrain_data, volumes_from_arrays
 
 
 def prepare_for_training(
@@ -277,8 +277,9 @@ def predict_volume(
     without it the checkpoint's preparation is replayed on `image` (`prepare_for_inference`: its
     normalisation recipe, keypoints, slice axis and scale). The labels and probabilities come back on
     the grid of `image`; `largest_component` keeps each class's largest 3D piece only."""
+    source = checkpoint if model is None else None  # named in errors about the model's outputs
     model, metadata, prepared = yield from _model_on_image(image, checkpoint, model, metadata, prepared)
-    prediction = yield from predict(model, prepared, device, batch_size, cancel, largest_component)
+    prediction = yield from predict(model, prepared, device, batch_size, cancel, largest_component, source)
     return Segmentation(
         prediction, prediction.uncertainty() if uncertainty else None, model, metadata, prepared
     )
@@ -338,7 +339,8 @@ def pretrain_volumes(
     leave them None, its length, batch, rate, optimiser and view size; `checkpoint` (not with `resume`):
     weights to start the backbone from ('default': the shipped ones). Under torchrun every process runs
     this: each joins the process group and takes its own GPU; only rank 0 yields progress events.
-    `notify` gets a note for the user: pretraining on the CPU, each data file skipped."""
+    `notify` gets a note for the user: pretraining on the CPU, the data files left out (the first few; all
+    of them in a log file beside `out`)."""
     if resume and checkpoint:
         raise InputDataError("--resume continues a run with its own weights: leave out --checkpoint")
     start = load_initialisation(checkpoint, settings.preset) if checkpoint else None
@@ -352,18 +354,17 @@ def pretrain_volumes(
         notify("pretraining on the CPU is slow (hours on real data); use a GPU where you can")
     config = settings.model_config()
     view_size = settings.view_size or make_method(settings.method).config.view_size
-    with warnings.catch_warnings():  # each skipped file goes to `notify` once, without Python's decoration
-        warnings.simplefilter("ignore", UserWarning)
-        volumes = load_pretrain_data(
-            data,
-            input_size=config.input_size,
-            min_side=view_size // 2,
-            keypoints=KeypointConfig(max_keypoints=config.max_keypoints),
-            slice_axis=slice_axis,
-            modality=modality,
-        )
-    for message in volumes.skipped:
-        notify(f"warning: {message}")
+    volumes = load_pretrain_data(
+        data,
+        input_size=config.input_size,
+        min_side=view_size // 2,
+        keypoints=KeypointConfig(max_keypoints=config.max_keypoints),
+        slice_axis=slice_axis,
+        modality=modality,
+    )
+    if volumes.skipped and comm.rank == 0:
+        skipped = summarise(volumes.skipped, SKIPPED_LOG, Path(out).parent)
+        notify(f"warning: {len(volumes.skipped)} volumes left out: {skipped}")
     job = pretrain(volumes, settings, out, point, cancel, comm, device, start=start)
     result = (yield from job) if comm.rank == 0 else drive(job)
     return PretrainedBackbone(result, len(volumes.volumes), volumes.slice_count, comm.rank)

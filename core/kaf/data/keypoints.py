@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from kaf.runtime.errors import InputDataError, KafError
+from kaf.runtime.problems import listed
 
 DESCRIPTOR_SIZE = 128
 NUM_LEVELS = 4
@@ -54,7 +55,7 @@ class KeypointConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise KafError(f"Unknown keypoint setting(s): {', '.join(unknown)}.")
+            raise KafError(f"Unknown keypoint setting(s): {listed(unknown)}.")
         return cls(**dict(d))
 
 

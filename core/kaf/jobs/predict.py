@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,7 +13,13 @@ from kaf.data.preparation import PreparedVolume
 from kaf.data.slices import put_slices
 from kaf.jobs.events import CancelToken, Job, StageClock
 from kaf.models import KafUNet
-from kaf.runtime.devices import autocast, is_out_of_memory, out_of_memory_error, resolve_device
+from kaf.runtime.devices import (
+    autocast,
+    autocast_dtype,
+    is_out_of_memory,
+    out_of_memory_error,
+    resolve_device,
+)
 from kaf.runtime.errors import InputDataError
 
 # Slices per forward pass when none is asked for. On the CPU one at a time is fastest per slice (2-core
@@ -45,6 +52,24 @@ def predict_slices(
     return prepared.layout.from_model(logits.float().softmax(1).cpu())
 
 
+def _check_finite(
+    probabilities: torch.Tensor, indices: list[int], device: torch.device, checkpoint: str | Path | None
+) -> None:
+    """Stop before anything is written when the model outputs NaN or infinity: labels taken from them would
+    be meaningless, yet look like a segmentation."""
+    if bool(torch.isfinite(probabilities).all()):
+        return
+    model = f"the model in {checkpoint}" if checkpoint else "the model"
+    where = f"slice {indices[0]}" if len(indices) == 1 else f"slices {indices[0]} to {indices[-1]}"
+    # float16's small range can overflow where full precision does not.
+    fallback = "; or predict on the CPU" if autocast_dtype(device) == torch.float16 else ""
+    raise InputDataError(
+        f"{model} produced non-finite outputs (NaN or infinity) on {where} of the image, so prediction "
+        "stopped without a result: the checkpoint or the image is probably corrupt. Check the image's "
+        f"intensities, or choose another checkpoint{fallback}."
+    )
+
+
 def keep_largest_components(labels: np.ndarray, classes: int) -> np.ndarray:
     """Each foreground class keeps only its largest 3D connected component; the rest becomes background.
 
@@ -67,7 +92,10 @@ def predict(
     batch_size: int | None = None,
     cancel: CancelToken | None = None,
     largest_component: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> Job[Prediction]:
+    """Probabilities and labels for every slice; `checkpoint`, the file `model` came from, is named in
+    errors."""
     cancel = cancel or CancelToken()
     device = resolve_device(device) if isinstance(device, str) else device
     batch_size = default_inference_batch(device) if batch_size is None else batch_size
@@ -82,13 +110,13 @@ def predict(
         cancel.raise_if_cancelled("prediction")
         indices = list(range(start, min(start + batch_size, total)))
         try:
-            probabilities[:, indices] = (
-                predict_slices(model, prepared, indices, device).numpy().transpose(1, 0, 2, 3)
-            )
+            batch = predict_slices(model, prepared, indices, device)
         except RuntimeError as error:
             if is_out_of_memory(error):
                 raise out_of_memory_error(device, "predicting") from error
             raise
+        _check_finite(batch, indices, device, checkpoint)
+        probabilities[:, indices] = batch.numpy().transpose(1, 0, 2, 3)
         yield clock.event("predict", indices[-1] + 1, total)
     probabilities = put_slices(probabilities, prepared.slice_axis)
     label_dtype = np.uint8 if model.config.classes <= 256 else np.uint16

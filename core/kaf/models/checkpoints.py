@@ -24,7 +24,9 @@ from safetensors.torch import save_file
 import kaf
 from kaf.models.config import PRESETS, ModelConfig, preset_config
 from kaf.models.unet import KafUNet
+from kaf.runtime.atomic import give_default_permissions
 from kaf.runtime.errors import CheckpointError, KafError
+from kaf.runtime.problems import listed
 
 FORMAT_VERSION = 1
 METADATA_KEY = "kaf"
@@ -33,7 +35,6 @@ CUSTOM_PRESET = "custom"
 LENGTH_BYTES = 8
 PICKLE_MAGIC = b"\x80"  # the PROTO opcode that starts every pickle of protocol 2 or later
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format: a zip archive holding a pickle
-MAX_LISTED_NAMES = 5
 
 # The JSON types each metadata field must have: a hand-edited or damaged file is caught on loading.
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -113,7 +114,7 @@ class CheckpointMetadata:
             raise _damaged(path, f"its metadata lacks {', '.join(missing)}")
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise _damaged(path, f"its metadata has unknown entries {', '.join(unknown)}")
+            raise _damaged(path, f"its metadata has unknown entries {listed(unknown)}")
         try:
             return cls(**data)
         except (KafError, TypeError, ValueError) as exc:
@@ -149,6 +150,7 @@ def save_checkpoint(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, temporary, metadata={METADATA_KEY: metadata.to_json()})
+        give_default_permissions(temporary)
         os.replace(temporary, path)
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(
@@ -175,7 +177,24 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
         raise _damaged(path, f"safetensors cannot read it ({exc})") from exc
     except OSError as exc:
         raise CheckpointError(f"{path} cannot be read ({exc}); check its permissions.") from exc
+    _check_finite(tensors, path)
     return tensors, metadata
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse NaN or infinite weights: a model holding them outputs NaN, which would be written as a
+    meaningless segmentation, and training never recovers from them."""
+    bad = [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{path} holds NaN or infinite values in {len(bad)} of its {len(tensors)} tensors (the first: "
+            f"{bad[0]}): it is damaged, or was saved from a training run that diverged. Choose another "
+            "checkpoint, or train again with a lower learning rate."
+        )
 
 
 def _check_container(path: Path) -> None:
@@ -335,7 +354,7 @@ def _mismatches(
     selected: list[str],
     considered: list[str],
 ) -> list[str]:
-    """One phrase per kind of problem, each naming at most MAX_LISTED_NAMES tensors."""
+    """One phrase per kind of problem, each naming the first few tensors."""
     missing = [name for name in selected if name not in state]
     unexpected = [name for name in considered if name not in expected]
     reshaped = [
@@ -346,14 +365,8 @@ def _mismatches(
     problems = []
     for label, names in (("missing", missing), ("of another shape", reshaped), ("unexpected", unexpected)):
         if names:
-            problems.append(f"{len(names)} {label}: {_listed(names)}")
+            problems.append(f"{len(names)} {label}: {listed(names)}")
     return problems
-
-
-def _listed(names: list[str]) -> str:
-    shown = ", ".join(names[:MAX_LISTED_NAMES])
-    hidden = len(names) - MAX_LISTED_NAMES
-    return f"{shown} and {hidden} more" if hidden > 0 else shown
 
 
 def _mismatch_message(

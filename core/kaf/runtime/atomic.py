@@ -30,11 +30,32 @@ def replace_atomically(path: str | Path) -> Iterator[Path]:
     temporary = path.with_name(f".{stem}.{secrets.token_hex(4)}.partial{suffix}")
     try:
         yield temporary
+        give_default_permissions(temporary)
         os.replace(temporary, path)
     except OSError as error:
         raise InputFileError(path, f"could not be written ({error.strerror or error})") from error
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where the system shows it (Linux); setting it to read
+    it, the only portable way, briefly changes it for every thread of the process."""
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.is_file() else []
+    shown = [line.split()[1] for line in lines if line.startswith("Umask:")]
+    if shown:
+        return int(shown[0], 8)
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def give_default_permissions(path: Path) -> None:
+    """Give a written file the permissions any new file of the user gets (0666 less the umask): writers
+    that create private temporaries (safetensors, mkstemp) would otherwise leave it readable by its owner
+    only."""
+    os.chmod(path, 0o666 & ~umask())
 
 
 PathArgument = str | Path | None

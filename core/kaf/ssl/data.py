@@ -8,7 +8,6 @@ and cached, so SIFT never runs twice on a slice (METHODS.md E.13).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +22,10 @@ from kaf.data.slices import scale_for_max_side, take_slices
 from kaf.data.volume_io import read_volume
 from kaf.models.checkpoints import fingerprint_arrays
 from kaf.runtime.errors import InputDataError, KafError
+from kaf.runtime.problems import listed, summarise
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd")
+SKIPPED_LOG = "pretraining-skipped"  # the name of the log file listing every volume left out
 
 
 @dataclass
@@ -58,7 +59,7 @@ class UnlabeledVolume:
 @dataclass
 class PretrainData:
     volumes: list[UnlabeledVolume]
-    skipped: list[str] = field(default_factory=list)  # one message per input that was left out
+    skipped: list[str] = field(default_factory=list)  # one message per input that was left out, naming it
 
     @property
     def slice_count(self) -> int:
@@ -110,20 +111,26 @@ def load_pretrain_data(
     modality: str = "auto",
 ) -> PretrainData:
     """Read, normalise and slice every volume. Unreadable volumes and volumes whose slices are smaller
-    than `min_side` are skipped with a warning naming them; if none is left, that is an error."""
+    than `min_side` are left out, each with its reason in `PretrainData.skipped`; if none is left, that is
+    an error, which names the first few and lists them all in a log file in the temporary folder."""
     volumes, skipped = [], []
     for path in find_volume_paths(inputs):
         try:
             volumes.append(_prepare(path, input_size, min_side, keypoints, slice_axis, modality))
         except KafError as error:
-            skipped.append(f"skipped {path}: {error}")
-            warnings.warn(skipped[-1], stacklevel=2)
+            skipped.append(_naming(path, error))
     if not volumes:
-        listed = "\n".join(skipped)
         raise InputDataError(
-            f"no usable volume for pretraining among {', '.join(map(str, inputs))}:\n{listed}"
+            f"no usable volume for pretraining among {listed(inputs)}; {len(skipped)} left out: "
+            f"{summarise(skipped, SKIPPED_LOG)}"
         )
     return PretrainData(volumes, skipped)
+
+
+def _naming(path: Path, error: KafError) -> str:
+    """The error's message, with the path in front unless the message starts with it already."""
+    message = str(error)
+    return message if message.startswith(str(path)) else f"{path}: {message}"
 
 
 def _prepare(

@@ -14,6 +14,7 @@ from pydicom.uid import UID
 from kaf.data.volume_io.checks import DAMAGED_FILE_ERRORS, SUPPORTED_FORMATS, check_shape, checked_volume_zyx
 from kaf.data.volume_io.volume import LPS_TO_RAS, Volume
 from kaf.runtime.errors import InputFileError
+from kaf.runtime.problems import summarise
 
 DUPLICATE_SLICE_MM = 1e-3
 SLICE_STEP_TOLERANCE = 0.10
@@ -123,9 +124,12 @@ def _check_single_series(folder: Path, slices: list[_DicomSlice]) -> None:
     for item in slices:
         series.setdefault(item.series_uid, []).append(item)
     if len(series) > 1:
-        listing = "; ".join(
-            f"{uid} ('{members[0].series_description}', {len(members)} slices)"
-            for uid, members in series.items()
+        listing = summarise(
+            [
+                f"{uid} ('{members[0].series_description}', {len(members)} slices)"
+                for uid, members in series.items()
+            ],
+            "dicom-series",
         )
         raise InputFileError(
             folder,
