@@ -224,11 +224,14 @@ class KafController:
         image: ImageRef,
         adapt_seconds: float | None = None,
         then_predict: bool = True,
+        label_names: list[str] | None = None,
     ) -> bool:
         """Fine-tune on the annotated slices; with `then_predict`, predict the volume when done (the
-        fine-tune's Stop stops that too)."""
+        fine-tune's Stop stops that too). `label_names` (background first; None: numbered) are stored in
+        the model."""
         cancel = CancelToken()
-        args = (volume, annotation, settings, checkpoint, cancel, torch.get_num_threads(), adapt_seconds)
+        threads = torch.get_num_threads()
+        args = (volume, annotation, settings, checkpoint, cancel, threads, adapt_seconds, label_names)
 
         def trained(result: TrainedModel) -> None:
             self._on_trained(result, image, settings.device)
@@ -280,6 +283,10 @@ class KafController:
         counts = list(outcome.voxels_per_label().items())[1:]  # background left out
         summary = ", ".join(f"{name}: {count}" for name, count in counts)
         self.notified.emit("status", f"Predicted every slice ({summary} voxels).")
+
+    def label_names(self) -> list[str] | None:
+        """The class names of the session's model (fine-tuned, or read for a prediction), if any."""
+        return list(self.metadata.label_names) if self.metadata is not None else None
 
     def model_axis(self, view_axis: int) -> int:
         """The slice axis the model was trained on, else the one the view cuts through."""

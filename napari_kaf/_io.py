@@ -14,7 +14,9 @@ import numpy as np
 
 from kaf.data.volume_io import Volume, read_volume, write_volume
 from kaf.data.volume_io import write_labels as core_write_labels
+from kaf.data.volume_io.label_table import label_table_path, read_label_table, write_label_table
 from kaf.runtime.errors import KafError
+from napari_kaf._label_names import NAMES_KEY, style_kwargs
 from napari_kaf._marshal import affine_of, layer_kwargs, looks_like_labels
 
 READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
@@ -57,11 +59,26 @@ def read_volumes(path: str | Sequence[str]) -> list:
             continue
         name = _layer_name(Path(item))
         kwargs = layer_kwargs(volume, name)
-        if looks_like_labels(Path(item).name, volume.array):
+        table = _label_table(Path(item), show_error)
+        beside = label_table_path(Path(item)).is_file()  # a colour table beside it: a segmentation
+        if looks_like_labels(Path(item).name, volume.array, named=beside):
+            if table is not None:
+                kwargs["metadata"][NAMES_KEY] = table.label_names()
+            kwargs.update(style_kwargs(table.label_names() if table else None, int(volume.array.max()) + 1))
             layers.append((volume.array, kwargs, "labels"))
         else:
             layers.append((volume.array, kwargs, "image"))
     return layers or NOTHING
+
+
+def _label_table(path: Path, show_error: Callable[[str], Any]) -> Any:
+    """The colour table beside a segmentation (its class names), None when there is none; a malformed one
+    is reported and the labels open without names."""
+    try:
+        return read_label_table(label_table_path(path))
+    except KafError as error:
+        show_error(str(error))
+        return None
 
 
 def _volume_for(data: Any, meta: dict[str, Any]) -> Volume:
@@ -76,9 +93,14 @@ def _volume_for(data: Any, meta: dict[str, Any]) -> Volume:
 
 
 def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
-    """Write a 3D labels layer on its image's grid, in the smallest integer type holding its values."""
+    """Write a 3D labels layer on its image's grid, in the smallest integer type holding its values; its
+    class names (metadata `label_names`) go beside it in a colour table, `<name>.csv`."""
     volume = _volume_for(data, meta)
-    return [str(core_write_labels(volume.array, volume, path))]
+    names = (meta.get("metadata") or {}).get(NAMES_KEY)
+    written = [str(core_write_labels(volume.array, volume, path))]
+    if names:
+        written.append(str(write_label_table(label_table_path(path), [str(n) for n in names])))
+    return written
 
 
 def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:

@@ -61,16 +61,23 @@ def finetune_task(
     cancel: CancelToken,
     threads: int | None = None,
     adapt_seconds: float | None = None,
+    label_names: list[str] | None = None,
 ) -> Events:
     """Fine-tune (the core's `finetune_volume`); with `adapt_seconds`, first adapt the starting weights to
-    this image."""
+    this image. `label_names` (background first, None: numbered) go into the model's metadata."""
     _use_threads(threads)
     yield ProgressEvent(
         "prepare", 0, 1, message="loading the checkpoint" if checkpoint else "preparing the image"
     )
     return (
         yield from finetune_volume(
-            volume, annotation, settings, checkpoint, adapt_seconds=adapt_seconds, cancel=cancel
+            volume,
+            annotation,
+            settings,
+            checkpoint,
+            label_names,
+            adapt_seconds=adapt_seconds,
+            cancel=cancel,
         )
     )
 

@@ -16,6 +16,7 @@ import pandas as pd
 from napari.layers import Image, Labels, Points
 
 from napari_kaf._controller import AttentionMap, ImageRef
+from napari_kaf._label_names import apply_names
 from napari_kaf._marshal import (
     ATTENTION,
     KEYPOINTS,
@@ -85,9 +86,10 @@ def show_prediction(viewer: Any, outcome: Any, image: ImageRef, show_uncertainty
         "labels",
         outcome.labels,
         image,
-        metadata={**image.grid_metadata, "label_names": outcome.label_names},
+        metadata=dict(image.grid_metadata),
         opacity=0.5,
     )
+    apply_names(prediction, outcome.label_names)  # hover shows "2; class: RV"; the palette's colours
     _keep_below(viewer, uncertainty, prediction)
     if active is not None and active in viewer.layers:
         viewer.layers.selection.active = active

@@ -85,10 +85,13 @@ def grid_metadata(layer: Any, **extra: Any) -> dict[str, Any]:
     return {AFFINE_KEY: affine_of(layer.metadata, layer.scale, layer.translate), **extra}
 
 
-def looks_like_labels(name: str, array: np.ndarray) -> bool:
-    """A file is opened as a Labels layer when it holds whole numbers and its name says it is a label map."""
+def looks_like_labels(name: str, array: np.ndarray, named: bool = False) -> bool:
+    """A file is opened as a Labels layer when it holds whole numbers and its name says it is a label map,
+    or (`named`) a colour table beside it names its classes."""
     if not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
         return False
+    if named:
+        return True
     lowered = name.lower()
     return any(hint in lowered for hint in LABEL_NAME_HINTS)
 

@@ -110,6 +110,20 @@ class KafPanel(QWidget):
         row.addWidget(self.annotation_combo, 1)
         row.addWidget(self.new_annotation_button)
         form.addRow("Annotation", row)
+        self.classes_edit = QLineEdit()
+        self.classes_edit.setPlaceholderText("background, class 1, class 2 (empty: numbered)")
+        self.classes_edit.setToolTip(
+            "Class names, comma-separated, background first: label value k is the k-th name after "
+            "background. Filled from the annotation's or image's names, else the model's; stored in the "
+            "fine-tuned model and saved beside the segmentation (<name>.csv)"
+        )
+        form.addRow("Classes", self.classes_edit)
+        self.paint_class_combo = QComboBox()
+        self.paint_class_combo.setToolTip(
+            "The class you paint in the annotation layer (its label value); it follows napari's own label "
+            "control"
+        )
+        form.addRow("Paint class", self.paint_class_combo)
         return group
 
     def _model_group(self) -> QGroupBox:

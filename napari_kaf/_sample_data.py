@@ -10,13 +10,15 @@ import numpy as np
 
 from kaf.data.sample_data import ring_and_disc
 from kaf.data.volume_io import Volume
+from napari_kaf._label_names import NAMES_KEY, style_kwargs
 from napari_kaf._marshal import layer_kwargs
 
 
 def _pair(volume: Volume, labels: np.ndarray, name: str, names: list[str]) -> list[tuple]:
     image_kwargs = layer_kwargs(volume, name)
     label_kwargs = layer_kwargs(volume, f"{name} reference labels")
-    label_kwargs["metadata"]["label_names"] = names
+    label_kwargs["metadata"][NAMES_KEY] = names
+    label_kwargs.update(style_kwargs(names))
     label_kwargs["visible"] = False
     return [(volume.array, image_kwargs, "image"), (labels, label_kwargs, "labels")]
 

@@ -14,8 +14,11 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.utils import cancelable_progress
 from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import QComboBox, QFileDialog
 
+from kaf.app.workflow import checked_label_names
+from kaf.data.volume_io.label_table import label_color
 from kaf.jobs.events import ProgressEvent
 from kaf.jobs.finetune import FinetuneSettings
 from kaf.runtime.devices import cpu_warning, resolve_device
@@ -24,6 +27,7 @@ from napari_kaf import _annotation, _layers, _slices
 from napari_kaf._checkpoints import FILE_CHOICE, checkpoint_path
 from napari_kaf._controller import ImageRef, KafController, describe_event
 from napari_kaf._inspect import KeypointInspector
+from napari_kaf._label_names import apply_names, format_names, layer_names, numbered, parse_names
 from napari_kaf._marshal import ANNOTATION, PREDICTION, PREFIX, UNCERTAINTY, volume_from_layer
 from napari_kaf._panel import NEW_ANNOTATION, KafPanel, select_data
 from napari_kaf._shortcuts import bind_shortcuts
@@ -41,6 +45,7 @@ class KafWidget(KafPanel):
         self.viewer = napari_viewer
         self.controller = controller or KafController()
         self._progress: Any = None
+        self._chosen_layers: tuple[str, str] | None = None  # (image, annotation) the class names are for
         self._connect_controls()
         self._connect_controller()
         self.inspector = KeypointInspector(self)
@@ -76,6 +81,10 @@ class KafWidget(KafPanel):
         self.device_combo.currentIndexChanged.connect(self._update_device_warning)
         self.steps_spin.valueChanged.connect(self._update_device_warning)
         self.checkpoint_combo.currentIndexChanged.connect(self._update_checkpoint_row)
+        self.image_combo.currentIndexChanged.connect(lambda _index: self._on_layers_chosen())
+        self.annotation_combo.currentIndexChanged.connect(lambda _index: self._on_layers_chosen())
+        self.classes_edit.editingFinished.connect(lambda: self.on_classes_edited())
+        self.paint_class_combo.currentIndexChanged.connect(lambda _index: self.on_paint_class_chosen())
 
     def _connect_controller(self) -> None:
         c = self.controller
@@ -88,11 +97,16 @@ class KafWidget(KafPanel):
         events = self.viewer.layers.events
         for emitter in (events.inserted, events.removed, events.moved):
             emitter.connect(self._refresh_layer_choices)
-        events.inserted.connect(lambda event: event.value.events.name.connect(self._refresh_layer_choices))
+        events.inserted.connect(lambda event: self._watch_layer(event.value))
         events.removed.connect(lambda _event: _layers.dim_keypoints(self.viewer))
         for layer in self.viewer.layers:
-            layer.events.name.connect(self._refresh_layer_choices)
+            self._watch_layer(layer)
         self._refresh_layer_choices()
+
+    def _watch_layer(self, layer: Any) -> None:
+        layer.events.name.connect(self._refresh_layer_choices)
+        if isinstance(layer, Labels):  # napari's own label control moves the Paint class menu
+            layer.events.selected_label.connect(self._on_selected_label)
 
     def closeEvent(self, event: Any) -> None:
         """A closed panel stops its job (a worker left running would outlive the viewer) and frees keys."""
@@ -153,6 +167,7 @@ class KafWidget(KafPanel):
         _fill(self.image_combo, images)
         # Never a layer the user did not choose (a hidden reference labelling, say): a new empty one.
         _fill(self.annotation_combo, [NEW_ANNOTATION, *labels], prefer=ANNOTATION)
+        self._on_layers_chosen()
 
     def image_layer(self) -> Any:
         name = self.image_combo.currentText()
@@ -178,6 +193,11 @@ class KafWidget(KafPanel):
             self.controller.report(error)
             return None
         layer = _annotation.new_annotation_layer(self.viewer, image_layer)
+        names = self._typed_names(report=False)
+        if names:
+            apply_names(layer, names)
+        if self.paint_class_combo.currentData():
+            layer.selected_label = self.paint_class_combo.currentData()
         self.annotation_combo.setCurrentText(layer.name)
         self.viewer.layers.selection.active = layer
         layer.mode = "paint"
@@ -190,6 +210,71 @@ class KafWidget(KafPanel):
         warning = _annotation.full_labelling_warning(layer, self._view_axis(layer))
         if warning:
             self._notify("warning", warning)
+
+    # --- class names -----------------------------------------------------------------------------------
+
+    def _on_layers_chosen(self) -> None:
+        """Another image or annotation layer: the Classes field takes its names (see `default_names`)."""
+        chosen = (self.image_combo.currentText(), self.annotation_combo.currentText())
+        if chosen == self._chosen_layers:
+            return
+        self._chosen_layers = chosen
+        self.classes_edit.setText(format_names(self.default_names()))
+        self.on_classes_edited(report=False)
+
+    def default_names(self) -> list[str] | None:
+        """The annotation layer's names, else the image layer's, else the session model's; None: numbered."""
+        image = self.viewer.layers[self.image_combo.currentText()] if self._has_image() else None
+        return layer_names(self.annotation_layer()) or layer_names(image) or self.controller.label_names()
+
+    def _has_image(self) -> bool:
+        return bool(self.image_combo.currentText()) and self.image_combo.currentText() in self.viewer.layers
+
+    def _typed_names(self, report: bool = True) -> list[str] | None:
+        """The names in the Classes field (None: empty or, unreported, unusable)."""
+        try:
+            return parse_names(self.classes_edit.text())
+        except KafError as error:
+            if report:
+                self.controller.report(error)
+            return None
+
+    def on_classes_edited(self, report: bool = True) -> None:
+        """Typed names go to the annotation layer (status bar, colours, what its writer saves) and the
+        Paint class menu."""
+        names = self._typed_names(report)
+        layer = self.annotation_layer()
+        if names and layer is not None and names != layer_names(layer):
+            apply_names(layer, names)
+        self._refresh_paint_classes()
+
+    def _refresh_paint_classes(self) -> None:
+        """One entry per class after background, 'k: name', whose data is its label value k."""
+        layer = self.annotation_layer()
+        selected = int(layer.selected_label) if layer is not None else self.paint_class_combo.currentData()
+        names = self._typed_names(report=False) or numbered(max(3, (selected or 0) + 1))
+        if selected is not None and selected >= len(names):
+            names = [*names, *numbered(selected + 1)[len(names) :]]
+        combo = self.paint_class_combo
+        combo.blockSignals(True)
+        combo.clear()
+        for value, name in enumerate(names[1:], start=1):
+            combo.addItem(_swatch(label_color(value)), f"{value}: {name}", value)
+        select_data(combo, selected or 1)
+        combo.blockSignals(False)
+
+    def on_paint_class_chosen(self) -> None:
+        """The chosen class becomes the annotation layer's label to paint."""
+        value = self.paint_class_combo.currentData()
+        layer = self.annotation_layer()
+        if value is not None and layer is not None and layer.selected_label != value:
+            layer.selected_label = value
+
+    def _on_selected_label(self, event: Any) -> None:
+        layer = event.source
+        chosen = layer is not None and layer.name == self.annotation_combo.currentText()
+        if chosen and self.paint_class_combo.currentData() != layer.selected_label:
+            self._refresh_paint_classes()
 
     # --- devices and checkpoints -----------------------------------------------------------------------
 
@@ -260,6 +345,7 @@ class KafWidget(KafPanel):
             annotation = _annotation.annotation_for_training(
                 annotation_layer, volume.shape, axis, image_layer.name
             )
+            names = checked_label_names(parse_names(self.classes_edit.text()), annotation.classes)
             settings, checkpoint = self.finetune_settings(), self.chosen_checkpoint()
         except KafError as error:
             self.controller.report(error)
@@ -276,6 +362,7 @@ class KafWidget(KafPanel):
             _layers.image_ref(image_layer),
             adapt,
             self.predict_after_check.isChecked(),
+            names,
         )
 
     def on_predict_clicked(self) -> None:
@@ -296,6 +383,9 @@ class KafWidget(KafPanel):
 
     def _on_predicted(self, outcome: Any, image: ImageRef) -> None:
         _layers.show_prediction(self.viewer, outcome, image, self.uncertainty_check.isChecked())
+        if not self.classes_edit.text().strip():  # the model's names (a checkpoint's) fill an empty field
+            self.classes_edit.setText(format_names(outcome.label_names))
+            self.on_classes_edited(report=False)
 
     def _show_uncertainty(self, visible: bool) -> None:
         if UNCERTAINTY in self.viewer.layers:
@@ -403,6 +493,13 @@ class KafWidget(KafPanel):
             if not path:
                 return False
         return self.controller.start_save_checkpoint(Path(path))
+
+
+def _swatch(rgb: tuple[int, int, int]) -> QIcon:
+    """A small square of a class's colour (the palette's, as drawn in the layers)."""
+    pixmap = QPixmap(12, 12)
+    pixmap.fill(QColor(*rgb))
+    return QIcon(pixmap)
 
 
 def _fill(combo: QComboBox, names: list[str], prefer: str | None = None) -> None:

@@ -12,6 +12,7 @@ import torch
 from kaf_process import run_until
 
 from kaf.app.cli import EXIT_CANCELLED, EXIT_USER_ERROR, main
+from kaf.data.volume_io.label_table import label_color, read_label_table
 from tests.conftest import save_nifti, synthetic_volume
 
 FAST = ["--steps", "2", "--batch-size", "2", "--crop-size", "32", "--device", "cpu", "--progress", "none"]
@@ -53,6 +54,12 @@ def test_finetune_predict_explain_write_their_outputs(trained, tmp_path, capsys)
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
     assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
     assert nib.load(probabilities).shape == (*source.shape, 3)
+    # The class names travel beside the segmentation, in a colour table that Slicer reads too.
+    table = read_label_table(tmp_path / "seg.csv")
+    assert table.label_names() == ["background", "label 1", "label 2"]
+    assert table.colors[1] == (*label_color(1), 255)
+    printed = capsys.readouterr().out
+    assert "segmentation" in printed and f"label_table: {tmp_path / 'seg.csv'}" in printed
     out = tmp_path / "explain"
     assert (
         main(
@@ -76,7 +83,6 @@ def test_finetune_predict_explain_write_their_outputs(trained, tmp_path, capsys)
     assert nib.load(out / "attention_level1.nii.gz").shape == (64, 48, 1, 4)
     header, first = (out / "keypoints.csv").read_text().splitlines()[:2]
     assert header == "index,row,col,score" and first.startswith("0,")
-    assert "segmentation" in capsys.readouterr().out
 
 
 def test_jsonl_progress_is_one_json_object_per_line_ending_in_the_result(synthetic_files, tmp_path, capsys):

@@ -141,6 +141,17 @@ class UserInput:
         self.qtbot.keyClick(spin, Qt.Key.Key_Return)
         assert spin.value() == value, f"typed {value}, the spin box holds {spin.value()}"
 
+    def type_text(self, edit, text: str) -> None:
+        """Select the line edit's text, type `text` and press Enter."""
+        from qtpy.QtCore import Qt
+
+        assert edit.isVisible() and edit.isEnabled()
+        edit.setFocus()
+        self.qtbot.keyClick(edit, Qt.Key.Key_A, Qt.KeyboardModifier.ControlModifier)
+        self.qtbot.keyClicks(edit, text)
+        self.qtbot.keyClick(edit, Qt.Key.Key_Return)
+        assert edit.text() == text
+
 
 @pytest.fixture
 def user(qtbot) -> UserInput:

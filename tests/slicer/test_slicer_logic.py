@@ -204,6 +204,49 @@ def test_predict_imports_the_labels_into_a_new_segmentation(case, fake, tmp_path
     np.testing.assert_array_equal(mrml.segments_to_labels(node, ids, volume), predicted)
 
 
+def test_predicted_segments_take_names_and_colours_from_the_clis_colour_table(case, fake, tmp_path):
+    from KAFSegmentLib import mrml
+
+    from kaf.data.volume_io.label_table import PALETTE, label_color, write_label_table
+
+    assert [tuple(round(c * 255) for c in color) for color in mrml.PALETTE] == list(PALETTE)
+    volume, annotation = case
+    logic, runners, recorder = fake
+    logic.model_path = tmp_path / "model.safetensors"
+    logic.model_path.write_bytes(b"weights")
+    logic.predict(volume, None, "cpu")  # no annotation: every colour from the table
+    runner = runners[-1]
+    out = runner.option("--out")
+    write_volume(two_class_labels(), read_volume(runner.option("--image")).affine, out)
+    table = write_label_table(out.parent / "segmentation.csv", ["background", "left lobe", "right lobe"])
+    summary = {
+        "voxels_per_label": {"background": 400, "label 1": 13, "label 2": 9},
+        "label_table": str(table),
+    }
+    runner.finish(0, summary)
+
+    assert recorder.outcomes[-1].succeeded, recorder.outcomes[-1].message
+    node = logic.prediction_node
+    ids = mrml.segment_ids(node)
+    assert mrml.segment_names(node, ids) == ["left lobe", "right lobe"]  # the table's, not the counts'
+    colors = mrml.segment_colors(node)
+    for value, name in ((1, "left lobe"), (2, "right lobe")):
+        np.testing.assert_allclose(colors[name], np.divide(label_color(value), 255), atol=1 / 255)
+
+    # With the annotation: a segment named like an annotated one keeps its colour, the others the table's.
+    segmentation = annotation.GetSegmentation()
+    segmentation.GetSegment(mrml.segment_ids(annotation)[0]).SetColor(0.1, 0.2, 0.3)
+    logic.predict(volume, None, "cpu", annotation)
+    runner = runners[-1]
+    out = runner.option("--out")
+    write_volume(two_class_labels(), read_volume(runner.option("--image")).affine, out)
+    write_label_table(out.parent / "segmentation.csv", ["background", NAMES[1], "other"])
+    runner.finish(0, {"voxels_per_label": {"background": 400, "a": 13, "b": 9}})  # table found beside --out
+    colors = mrml.segment_colors(logic.prediction_node)
+    np.testing.assert_allclose(colors[NAMES[1]], (0.1, 0.2, 0.3), atol=1 / 255)
+    np.testing.assert_allclose(colors["other"], np.divide(label_color(2), 255), atol=1 / 255)
+
+
 def test_results_that_cannot_be_loaded_fail_the_job_cleanly(case, fake, tmp_path):
     from KAFSegmentLib.progress import JobStatus
 

@@ -165,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--image", required=True, help="image volume to segment")
     predict.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint (.safetensors)")
     predict.add_argument(
-        "--out", required=True, help="segmentation to write (.nii.gz, .nii or .nrrd), same grid as the image"
+        "--out",
+        required=True,
+        help="segmentation to write (.nii.gz, .nii or .nrrd), same grid as the image; its class names and "
+        "colours go beside it in a colour table, <name>.csv (3D Slicer's CSV format)",
     )
     predict.add_argument("--probabilities", help="also write class probabilities (4D: classes last) here")
     predict.add_argument(

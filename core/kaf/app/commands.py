@@ -30,6 +30,7 @@ from kaf.data.annotation import sparse_annotation
 from kaf.data.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
 from kaf.data.slices import take_slices
 from kaf.data.volume_io import Volume, read_labels, read_volume, write_class_maps, write_labels, write_volume
+from kaf.data.volume_io.label_table import label_table_path, write_label_table
 from kaf.jobs.finetune import FinetuneSettings
 from kaf.jobs.pretrain import PretrainSettings
 from kaf.models.checkpoints import save_checkpoint
@@ -149,16 +150,24 @@ def pretrain(args, printer, cancel, run) -> dict:
     return summary
 
 
-def _write_prediction(segmentation: Segmentation, image: Volume, out, probabilities, uncertainty) -> None:
+def _write_prediction(segmentation: Segmentation, image: Volume, out, probabilities, uncertainty) -> Path:
+    """Write the segmentation, its colour table (class names) beside it, and the maps asked for; returns
+    the table's path."""
     write_labels(segmentation.labels, image, out)
+    table = write_label_table(label_table_path(out), segmentation.label_names)
     if probabilities:
         write_class_maps(segmentation.prediction.probabilities, image.affine, probabilities)
     if uncertainty:
         write_volume(segmentation.uncertainty, image.affine, uncertainty)
+    return table
 
 
 def predict(args, printer, cancel, run) -> dict:
-    outputs = {"--out": args.out, "--probabilities": args.probabilities, "--uncertainty": args.uncertainty}
+    outputs = {
+        "--out": [args.out, label_table_path(args.out)],
+        "--probabilities": args.probabilities,
+        "--uncertainty": args.uncertainty,
+    }
     check_outputs(outputs, {"--image": args.image, "--checkpoint": args.checkpoint}, args.force)
     image = read_volume(args.image)
     job = predict_volume(
@@ -171,9 +180,10 @@ def predict(args, printer, cancel, run) -> dict:
         cancel=cancel,
     )
     segmentation = run(job, printer)
-    _write_prediction(segmentation, image, args.out, args.probabilities, args.uncertainty)
+    table = _write_prediction(segmentation, image, args.out, args.probabilities, args.uncertainty)
     return {
         "segmentation": str(args.out),
+        "label_table": str(table),
         "voxels_per_label": segmentation.voxels_per_label(),
         **({"probabilities": str(args.probabilities)} if args.probabilities else {}),
         **({"uncertainty": str(args.uncertainty)} if args.uncertainty else {}),
@@ -261,7 +271,14 @@ def demo(args, printer, cancel, run) -> dict:
     }
     # The folder is the demo's own and is rewritten at every run; only the inputs are protected.
     check_outputs(
-        {"--out": [out, *files.values(), *_explanation_files(files["explain"], list(KAF_LEVELS))]},
+        {
+            "--out": [
+                out,
+                *files.values(),
+                label_table_path(files["segmentation"]),
+                *_explanation_files(files["explain"], list(KAF_LEVELS)),
+            ]
+        },
         inputs,
         force=True,
     )
@@ -301,7 +318,7 @@ def demo(args, printer, cancel, run) -> dict:
     write_labels(reference, image, files["reference"])
     write_volume(image.array.astype(np.float32), image.affine, files["image"])
     write_labels(sparse, image, files["annotation"])
-    _write_prediction(segmentation, image, files["segmentation"], None, files["uncertainty"])
+    table = _write_prediction(segmentation, image, files["segmentation"], None, files["uncertainty"])
     middle = annotated[0] + (annotated[1] - annotated[0]) // 2  # an unannotated slice between the two
     job = explain_slice(
         image, middle, model=result.model, metadata=result.metadata, prepared=prepared, device=args.device
@@ -320,6 +337,7 @@ def demo(args, printer, cancel, run) -> dict:
         "training_seconds": round(result.seconds, 1),
         "checkpoint": str(checkpoint),
         "segmentation": str(files["segmentation"]),
+        "label_table": str(table),
         "figure": figure_files[-1],
     }
     with replace_atomically(files["summary"]) as temporary:

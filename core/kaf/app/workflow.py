@@ -23,6 +23,7 @@ from kaf.data.keypoints import KeypointConfig
 from kaf.data.preparation import PreparedVolume
 from kaf.data.slices import scale_for_max_side
 from kaf.data.volume_io import Volume, read_labels, read_volume
+from kaf.data.volume_io.label_table import check_label_names
 from kaf.jobs.events import CancelToken, Job, ProgressEvent, drive
 from kaf.jobs.explain import Explanation, explain
 from kaf.jobs.finetune import FinetuneResult, FinetuneSettings, Initialisation, finetune
@@ -167,8 +168,11 @@ def checked_label_names(names: Sequence[str] | None, classes: int) -> list[str] 
     if names is None:
         return None
     if len(names) != classes:
-        raise InputDataError(f"{len(names)} label names were given but the labels have {classes} classes")
-    return list(names)
+        raise InputDataError(
+            f"{len(names)} label names were given but the labels have {classes} classes: give one name per "
+            "class, background first"
+        )
+    return check_label_names(names)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from .command import (
 from .process import ProcessRunner
 from .progress import JobOutcome, JobStatus, ProgressParser
 from .signal import Signal
-from .volumes import Keypoint, read_attention, read_keypoints, read_nifti
+from .volumes import Keypoint, read_attention, read_keypoints, read_label_table, read_nifti
 
 ATTENTION_FILE = re.compile(r"attention_level(\d+)\.nii(?:\.gz)?")
 KEYPOINTS_NODE_NAME = "KAF keypoints"
@@ -161,8 +161,9 @@ class KafLogic:
         model: Path | None = None,
     ) -> None:
         """Segment every slice with `model` (None: `model_path`) into `output_node` (a new segmentation
-        node when None), replacing its segments; segments get the colour of the same-named segment of
-        `annotation_node`."""
+        node when None), replacing its segments. Segments are named and coloured by the colour table the
+        CLI writes beside the segmentation (the model's class names, the core's palette); a segment
+        named like one of `annotation_node` keeps that segment's colour."""
         self._check_can_start(volume_node)
         model = self._require_model(model)
         with self._job_folder("predict") as folder:
@@ -173,9 +174,10 @@ class KafLogic:
             labels, affine = read_nifti(out)
             target = output_node if _in_scene(output_node) else _new_segmentation(volume_node)
             colors = mrml.segment_colors(annotation_node) if _in_scene(annotation_node) else {}
-            mrml.import_labels(
-                target, labels, affine, volume_node, _label_names(result, labels.max()), colors
-            )
+            table = read_label_table(Path(result.get("label_table") or out.with_suffix(".csv")))
+            names = _label_names(result, table, labels.max())
+            value_colors = {value: color for value, (_, color) in table.items()}
+            mrml.import_labels(target, labels, affine, volume_node, names, colors, value_colors)
             self.prediction_node = target
             counts = result.get("voxels_per_label") or {}
             return "Segmented: " + ", ".join(
@@ -364,10 +366,13 @@ class KafLogic:
         self.finished.emit(outcome)
 
 
-def _label_names(result: dict, max_label: int) -> list[str]:
-    """Names of labels 0..max_label: the checkpoint's, as the CLI reports them, else 'label n'."""
-    names = list(result.get("voxels_per_label") or {})
-    return [names[value] if value < len(names) else f"label {value}" for value in range(int(max_label) + 1)]
+def _label_names(result: dict, table: dict, max_label: int) -> list[str]:
+    """Names of labels 0..max_label: the CLI's colour table's, else the checkpoint's as its summary lists
+    them (a CLI that wrote no table), else 'label n'."""
+    listed = list(result.get("voxels_per_label") or {})
+    by_value = {value: name for value, name in enumerate(listed)}
+    by_value.update({value: name for value, (name, _) in table.items() if name})
+    return [by_value.get(value, f"label {value}") for value in range(int(max_label) + 1)]
 
 
 def chosen_file(path: Path) -> Path | None:

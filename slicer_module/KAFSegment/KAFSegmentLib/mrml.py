@@ -25,8 +25,13 @@ from .volumes import (
 
 INFERNO_COLOR_ID = "vtkMRMLColorTableNodeFileInferno.txt"  # colour table shipped with Slicer
 ATTENTION_OPACITY = 0.5
-# Colours of predicted segments without a same-named annotated segment (Slicer's first generic colours).
-PALETTE = ((0.5, 0.68, 0.5), (0.94, 0.84, 0.57), (0.69, 0.48, 0.39), (0.44, 0.72, 0.86), (0.85, 0.4, 0.4))
+# The core's palette (kaf.data.volume_io.label_table.PALETTE: class k has colour k-1, repeating), which
+# `kaf predict` also writes into its colour table; here for a CLI that wrote no table.
+PALETTE_HEX = (
+    "e6194b 3cb44b 0082c8 ffe119 f58230 911eb4 46f0f0 f032e6 d2f53c fabed4 "
+    "008080 dcbeff aa6e28 fffac8 800000 aaffc3 808000 ffd7b4 000080 808080"
+)
+PALETTE = tuple(tuple(int(code[i : i + 2], 16) / 255 for i in (0, 2, 4)) for code in PALETTE_HEX.split())
 
 
 class AnnotationError(ValueError):
@@ -102,16 +107,19 @@ def import_labels(
     reference_volume,
     names: Sequence[str],
     colors: dict[str, tuple[float, float, float]] | None = None,
+    value_colors: dict[int, tuple[float, float, float]] | None = None,
 ) -> list[str]:
     """Replace the segments of `segmentation_node` by one segment per label value present in
-    `labels_zyx` (0 is background), named `names[value]`, on the reference volume's grid."""
+    `labels_zyx` (0 is background), named `names[value]`, on the reference volume's grid. A segment's
+    colour: that of the same-named entry of `colors` (an annotated segment), else `value_colors[value]`
+    (the CLI's colour table), else the palette's."""
     reference = ijk_to_ras(reference_volume)
     shape = slicer.util.arrayFromVolume(reference_volume).shape
     if labels_zyx.shape != shape or not same_grid(affine, reference):
         raise ValueError("The labels are not on the volume's grid (shape or IJK-to-RAS differ).")
     scene = reference_volume.GetScene()
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "KAF labels import")
-    color_table = _color_table(scene, names, colors or {})
+    color_table = _color_table(scene, names, colors or {}, value_colors or {})
     try:
         slicer.util.updateVolumeFromArray(labelmap, labels_zyx)
         set_ijk_to_ras(labelmap, reference)
@@ -140,12 +148,16 @@ def segment_colors(segmentation_node) -> dict[str, tuple[float, float, float]]:
     }
 
 
-def _color_table(scene, names: Sequence[str], colors: dict[str, tuple[float, float, float]]):
+def palette_color(value: int) -> tuple[float, float, float]:
+    return PALETTE[(value - 1) % len(PALETTE)]
+
+
+def _color_table(scene, names: Sequence[str], colors: dict, value_colors: dict):
     table = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "KAF label names")
     table.SetTypeToUser()
     table.SetNumberOfColors(len(names))
     for value, name in enumerate(names):
-        red, green, blue = colors.get(name, PALETTE[(value - 1) % len(PALETTE)])
+        red, green, blue = colors.get(name) or value_colors.get(value) or palette_color(value)
         table.SetColor(value, name, red, green, blue, 0.0 if value == 0 else 1.0)
     return table
 

@@ -85,6 +85,22 @@ def read_keypoints(path: Path) -> list[Keypoint]:
         ]
 
 
+def read_label_table(path: Path) -> dict[int, tuple[str, tuple[float, float, float]]]:
+    """The colour table `kaf predict` writes beside its segmentation (3D Slicer's CSV colour table:
+    LabelValue, Name, Color_R, Color_G, Color_B[, Color_A], 0-255): {value: (name, RGB in 0-1)}; empty when
+    there is no such file."""
+    if not Path(path).is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        return {
+            int(row["LabelValue"]): (
+                row["Name"],
+                (int(row["Color_R"]) / 255, int(row["Color_G"]) / 255, int(row["Color_B"]) / 255),
+            )
+            for row in csv.DictReader(handle)
+        }
+
+
 def keypoints_to_ras(
     keypoints: list[Keypoint], slice_index: int, ijk_to_ras: np.ndarray, slice_axis: int = 0
 ) -> np.ndarray:
