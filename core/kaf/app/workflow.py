@@ -357,7 +357,7 @@ def pretrain_volumes(
     if comm.rank == 0 and device.type == "cpu":
         notify("pretraining on the CPU is slow (hours on real data); use a GPU where you can")
     config = settings.model_config()
-    view_size = settings.view_size or make_method(settings.method).config.view_size
+    view_size = make_method(settings.method, **settings.method_overrides()).config.view_size
     volumes = load_pretrain_data(
         data,
         input_size=config.input_size,
