@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from itertools import cycle
 from pathlib import Path
 
 import matplotlib
@@ -69,13 +70,27 @@ def main() -> None:
     parser.add_argument("files", type=Path, nargs="+")
     parser.add_argument("--dataset", choices=list(FOLDERS), default="acdc")
     parser.add_argument("--batch", type=int, required=True, help="pretraining batch of the runs")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        action="append",
+        help="SupCon position threshold θ of a run, for its floor line (repeatable; default: the method's)",
+    )
     parser.add_argument("--title", default="")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     runs = read_runs(args.files)
     terms = sorted({term for run in runs.values() for term in run})
-    chance, floor = supcon_chance_and_floor(slice_counts(args.dataset), args.batch, KafConfig())
-    print(f"{args.dataset}, batch {args.batch}: SupCon chance {chance:.3f}, floor {floor:.3f}")
+    counts = slice_counts(args.dataset)
+    floors = {}
+    for threshold in args.threshold or [KafConfig().position_threshold]:
+        chance, floors[threshold] = supcon_chance_and_floor(
+            counts, args.batch, KafConfig(position_threshold=threshold)
+        )
+        print(
+            f"{args.dataset}, batch {args.batch}: SupCon chance {chance:.3f}, "
+            f"floor at θ = {threshold:g} {floors[threshold]:.3f}"
+        )
     figure, axes = plt.subplots(1, len(terms), figsize=(4.5 * len(terms), 3.6), squeeze=False)
     for axis, term in zip(axes[0], terms, strict=True):
         for name, run in runs.items():
@@ -84,7 +99,10 @@ def main() -> None:
                 axis.plot(steps, values, label=name)
         if term.endswith(SUPCON_TERMS):
             axis.axhline(chance, color="grey", linestyle="--", label=f"chance {chance:.2f}")
-            axis.axhline(floor, color="black", linestyle=":", label=f"floor {floor:.2f}")
+            for (threshold, floor), style in zip(floors.items(), cycle((":", "-.")), strict=False):
+                axis.axhline(
+                    floor, color="black", linestyle=style, label=f"floor at θ = {threshold:g}: {floor:.2f}"
+                )
         axis.set_title(term)
         axis.set_xlabel("step")
         axis.legend(fontsize=7)

@@ -62,6 +62,7 @@ def main() -> None:
         metavar="FIELD=VALUE",
         help="as kaf pretrain --method-option (repeatable)",
     )
+    parser.add_argument("--save", type=Path, help="keep the pretrained weights here (default: not kept)")
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"the data folder {DATA} is absent: this diagnostic needs ../shared/data")
@@ -103,7 +104,7 @@ def main() -> None:
                 sys.stdout.flush()
 
         data = pool_pretrain_data(cases, dataset.view_size)
-        drive(pretrain(data, settings, Path(work) / "weights.safetensors"), show)
+        drive(pretrain(data, settings, args.save or Path(work) / "weights.safetensors"), show)
 
 
 if __name__ == "__main__":
