@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from kaf.app.workflow import TrainedModel, predict_trained, prepare_for_training
+from kaf.app.workflow import finetune_from, predict_trained
 from kaf.data.annotation import sparse_annotation
 from kaf.data.metrics import copy_nearest_annotated, dice_on_unannotated, spread_slices
 from kaf.data.volume_io import read_labels, read_volume
 from kaf.jobs.events import drive
-from kaf.jobs.finetune import FinetuneSettings, Initialisation, finetune
+from kaf.jobs.finetune import FinetuneSettings, Initialisation
 
 
 @dataclass
@@ -45,10 +45,9 @@ def annotator_run(
     sparse = np.zeros_like(reference)
     sparse[annotated] = reference[annotated]
     start = time.perf_counter()
-    prepared = prepare_for_training(image, "interactive")
     annotation = sparse_annotation(sparse, 0, annotated, classes)
-    result = drive(finetune(prepared, annotation, settings or FinetuneSettings(device="cpu"), init))
-    trained = TrainedModel(result, prepared)
+    trained = drive(finetune_from(image, annotation, settings or FinetuneSettings(device="cpu"), init))
+    result = trained.result
     prediction = drive(predict_trained(image, trained, device="cpu", batch_size=inference_batch))
     seconds = time.perf_counter() - start
     dice, _ = dice_on_unannotated(prediction.labels, reference, annotated, classes)

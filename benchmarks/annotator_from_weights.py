@@ -42,12 +42,19 @@ def main() -> None:
     parser.add_argument("--dataset", choices=list(DATASETS), default="acdc")
     parser.add_argument("--backbone", choices=["kaf", "unet"], default="kaf")
     parser.add_argument("--slices", type=int, nargs="+", default=[2], help="annotated slices per volume (k)")
+    parser.add_argument(
+        "--kaf-lr-scale",
+        type=float,
+        default=1.0,
+        help="the KAF layers' fine-tuning learning rate as a multiple of the rest's",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--jsonl", type=Path, help="also append every result line here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {machine()}; {' '.join(sys.argv)}", file=sys.stderr)
-    budget = replace(LONG, annotated=tuple(args.slices))
+    finetune = replace(LONG.finetune, kaf_learning_rate_scale=args.kaf_lr_scale)
+    budget = replace(LONG, annotated=tuple(args.slices), finetune=finetune)
     cases = budget_cases(DATASETS[args.dataset], budget, seed=0)
     annotated_cases = cases.test_cases()[: budget.annotator_volumes]
     for name, path in args.weights:

@@ -2,7 +2,8 @@
 
 These functions turn file paths and checkpoints into the objects the jobs take, so the CLI, napari
 and Slicer share one way of doing it. Each user job is chained once here, with its rules in one place:
-`finetune_volume` (the custom preset, label names, the starting checkpoint), `predict_volume` (which
+`finetune_volume` (the custom preset, label names, the starting checkpoint; `finetune_from` when the
+weights are already loaded, as in the benchmarks), `predict_volume` (which
 model, the checkpoint's preparation replayed, uncertainty), `explain_slice` (the same model choice,
 one slice's keypoints and attention) and `pretrain_volumes` (resume defaults,
 view size, data loading, the processes under torchrun).
@@ -152,15 +153,8 @@ def adapt_to_image(
 
 def initialise(checkpoint: str | Path | None, preset: str) -> Initialisation | None:
     """The weights to fine-tune from: a checkpoint file, 'default' for the shipped one, or None for random
-    initialisation, which preset "custom" cannot have: it takes its architecture from the checkpoint."""
-    if checkpoint is not None:
-        return load_initialisation(checkpoint, preset)
-    if preset == CUSTOM_PRESET:
-        raise InputDataError(
-            "The preset 'custom' takes its architecture from the checkpoint fine-tuning starts from: "
-            "give a checkpoint."
-        )
-    return None
+    initialisation."""
+    return None if checkpoint is None else load_initialisation(checkpoint, preset)
 
 
 def checked_label_names(names: Sequence[str] | None, classes: int) -> list[str] | None:
@@ -194,14 +188,51 @@ def finetune_volume(
     on_ready: Callable[[], None] | None = None,
     cancel: CancelToken | None = None,
 ) -> Job[TrainedModel]:
-    """Fine-tune a model on the annotated slices of `image`: start from `checkpoint` (see `initialise`),
-    prepare the image for the model, then train. With `adapt_seconds`, the starting weights are first
-    adapted to this image by a short self-supervised KAF pretraining on it (no labels used).
+    """Fine-tune a model on the annotated slices of `image`, starting from `checkpoint` (see `initialise`):
+    `finetune_from` with those weights."""
+    init = initialise(checkpoint, settings.preset)
+    return (
+        yield from finetune_from(
+            image,
+            annotation,
+            settings,
+            init,
+            label_names,
+            modality=modality,
+            max_side=max_side,
+            adapt_seconds=adapt_seconds,
+            on_ready=on_ready,
+            cancel=cancel,
+        )
+    )
+
+
+def finetune_from(
+    image: Volume,
+    annotation: SparseAnnotation,
+    settings: FinetuneSettings,
+    init: Initialisation | None,
+    label_names: Sequence[str] | None = None,
+    *,
+    modality: str = "auto",
+    max_side: int | None = None,
+    adapt_seconds: float | None = None,
+    on_ready: Callable[[], None] | None = None,
+    cancel: CancelToken | None = None,
+) -> Job[TrainedModel]:
+    """Fine-tune a model on the annotated slices of `image` from weights already loaded (None: random
+    init, which preset "custom" cannot have: it takes its architecture from the checkpoint): prepare the
+    image for the model, then train. With `adapt_seconds`, the starting weights are
+    first adapted to this image by a short self-supervised KAF pretraining on it (no labels used).
     `on_ready` runs once every input has been checked, before any training starts."""
     cancel = cancel or CancelToken()
-    init = initialise(checkpoint, settings.preset)
     names = checked_label_names(label_names, annotation.classes)
     cancel.raise_if_cancelled("fine-tuning")
+    if settings.preset == CUSTOM_PRESET and init is None:
+        raise InputDataError(
+            "The preset 'custom' takes its architecture from the checkpoint fine-tuning starts from: "
+            "give a checkpoint."
+        )
     architecture = init.metadata.model_config() if settings.preset == CUSTOM_PRESET else settings.preset
     prepared = prepare_for_training(image, architecture, annotation.slice_axis, modality, max_side)
     if on_ready is not None:
