@@ -181,30 +181,12 @@ def finetune_volume(
     settings: FinetuneSettings,
     checkpoint: str | Path | None = None,
     label_names: Sequence[str] | None = None,
-    *,
-    modality: str = "auto",
-    max_side: int | None = None,
-    adapt_seconds: float | None = None,
-    on_ready: Callable[[], None] | None = None,
-    cancel: CancelToken | None = None,
+    **options,
 ) -> Job[TrainedModel]:
     """Fine-tune a model on the annotated slices of `image`, starting from `checkpoint` (see `initialise`):
-    `finetune_from` with those weights."""
+    `finetune_from` with those weights; `options`: those of `finetune_from` after `label_names`."""
     init = initialise(checkpoint, settings.preset)
-    return (
-        yield from finetune_from(
-            image,
-            annotation,
-            settings,
-            init,
-            label_names,
-            modality=modality,
-            max_side=max_side,
-            adapt_seconds=adapt_seconds,
-            on_ready=on_ready,
-            cancel=cancel,
-        )
-    )
+    return (yield from finetune_from(image, annotation, settings, init, label_names, **options))
 
 
 def finetune_from(
