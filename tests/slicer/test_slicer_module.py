@@ -465,6 +465,44 @@ def test_extension_cmake_has_the_wizard_layout():
     assert [text.index(line) for line in order] == sorted(text.index(line) for line in order)
 
 
+# Properties of Slicer's extension catalog entry schema (Slicer/Slicer Schemas/
+# slicer-extension-catalog-entry-schema-v1.0.1.json): the first three are required, no others allowed.
+INDEX_REQUIRED = {"$schema", "category", "scm_url"}
+INDEX_OPTIONAL = {"scm_revision", "scm_type", "build_dependencies", "build_subdirectory", "enabled", "tier"}
+
+
+def cmake_value(text: str, variable: str) -> str:
+    return re.search(rf'set\({variable}\s+"([^"]*)"\)', text)[1]
+
+
+def test_extensions_index_entry_matches_the_extension_and_names_files_it_has():
+    """KAFSegment.json, the file to submit to Slicer's ExtensionsIndex: the schema's fields, and the same
+    name, category, dependencies and repository as the extension's CMakeLists.txt, whose icon and
+    screenshot URLs are files of this extension folder in that repository at that revision."""
+    import json
+
+    entry = json.loads((EXTENSION_DIR / "KAFSegment.json").read_text())
+    assert INDEX_REQUIRED <= set(entry) <= INDEX_REQUIRED | INDEX_OPTIONAL
+    assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/")
+    text = (EXTENSION_DIR / "CMakeLists.txt").read_text()
+    assert re.search(r"^project\((\w+)\)", text, re.M)[1] == "KAFSegment"  # the entry's file name
+    assert entry["category"] == cmake_value(text, "EXTENSION_CATEGORY") == "Segmentation"
+    assert entry["build_dependencies"] == cmake_value(text, "EXTENSION_DEPENDS").split()
+    assert entry["build_subdirectory"] == "." and entry["tier"] == 1
+
+    repository = entry["scm_url"]
+    assert repository.startswith("https://") and not repository.endswith(("/", ".git"))
+    assert cmake_value(text, "EXTENSION_HOMEPAGE") == repository
+    files = f"{repository}/raw/{entry['scm_revision']}/"
+    icon = cmake_value(text, "EXTENSION_ICONURL")
+    screenshots = cmake_value(text, "EXTENSION_SCREENSHOTURLS").split()
+    assert icon == files + "KAFSegment/Resources/Icons/KAFSegment.png" and screenshots
+    for url in [icon, *screenshots]:
+        assert url.startswith(files), url
+        path = EXTENSION_DIR / url.removeprefix(files)
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", url
+
+
 def test_test_class_has_run_test_and_helpers_import_no_slicer_or_qt():
     tree = ast.parse(MODULE_FILE.read_text())
     test_class = next(
