@@ -13,8 +13,9 @@ import qt
 import slicer
 import vtk
 from KAFSegmentLib import install, mrml
+from KAFSegmentLib.clicks import SliceViewClicks, millimetres_per_pixel
 from KAFSegmentLib.command import EXTERNAL_PYTHON_SETTING, resolve_command
-from KAFSegmentLib.logic import KafLogic, KafSegmentError, chosen_file
+from KAFSegmentLib.logic import PICK_RADIUS_MM, KafLogic, KafSegmentError, chosen_file
 from KAFSegmentLib.parameters import KAFSegmentParameterNode
 from KAFSegmentLib.process import QProcessRunner
 from KAFSegmentLib.progress import JobOutcome, JobStatus, ProgressUpdate
@@ -42,7 +43,8 @@ class KAFSegment(ScriptedLoadableModule):
         self.parent.helpText = """
 Segment a structure from a few painted slices. Paint it on two or more slices with the Segment Editor,
 press <b>Fine-tune</b>, then <b>Predict</b> to segment every slice. <b>Show keypoints</b> places the model's
-keypoints of a slice as control points; <b>Show attention</b> overlays where one of them attends.
+keypoints of a slice as control points; <b>Show attention</b> overlays where one of them attends. With
+<b>Pick keypoint by clicking</b>, a click on a keypoint in a slice view shows its attention.
 The work runs in the <code>kaf</code> command line; install it from the <i>Setup</i> section, or point
 the module at a Python that has it.
 """
@@ -55,6 +57,19 @@ Image Segmentation with Limited Annotation, NeurIPS 2023.
 def slicer_pip_command() -> list[str]:
     """pip of Slicer's Python, run as a child process like slicer.util.pip_install does."""
     return [shutil.which("PythonSlicer") or sys.executable, "-m", "pip"]
+
+
+PICK_RADIUS_PX = 12  # a click picks a keypoint drawn this close on screen (at least PICK_RADIUS_MM)
+
+
+def slice_views() -> list:
+    """(interactor, slice node) of every slice view of the current layout (none without a main window)."""
+    layout_manager = slicer.app.layoutManager()
+    views = []
+    for name in layout_manager.sliceViewNames() if layout_manager else ():
+        slice_widget = layout_manager.sliceWidget(name)
+        views.append((slice_widget.sliceView().interactor(), slice_widget.mrmlSliceNode()))
+    return views
 
 
 def external_python_setting() -> str:
@@ -112,6 +127,10 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.attentionLevelSpinBox.connect("valueChanged(int)", self.onAttentionChoiceChanged)
         self.ui.attentionHeadSpinBox.connect("valueChanged(int)", self.onAttentionChoiceChanged)
         self.ui.showAttentionButton.connect("clicked(bool)", self.onShowAttention)
+        self.clicks = SliceViewClicks(self.onSliceViewClicked)
+        self.ui.pickKeypointCheckBox.connect("toggled(bool)", self.onPickByClickingToggled)
+        if slicer.app.layoutManager():  # none with --no-main-window
+            slicer.app.layoutManager().layoutChanged.connect(self.onLayoutChanged)
         self.ui.stopButton.connect("clicked(bool)", self.onStop)
         self.ui.externalPythonPathLineEdit.connect(
             "currentPathChanged(QString)", self.onExternalPythonChanged
@@ -124,6 +143,9 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
+        self.clicks.stop()
+        if slicer.app.layoutManager():
+            slicer.app.layoutManager().layoutChanged.disconnect(self.onLayoutChanged)
         self.logic.stop()  # a module reload or application exit must not leave kaf or pip running
         self.installer.stop()
 
@@ -264,6 +286,40 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onKeypointChanged(self, index):
         self.logic.select_keypoint(index)
+
+    def onPickByClickingToggled(self, checked):
+        if checked:
+            self.clicks.observe(slice_views())
+            self.showStatus("Click a keypoint in a slice view to see its attention.")
+        else:
+            self.clicks.stop()
+
+    def onLayoutChanged(self, *unused):
+        if self.clicks.active:  # a new layout may bring new slice views
+            self.clicks.observe(slice_views())
+
+    def onSliceViewClicked(self, ras, slice_node):
+        """Pick the keypoint under a click (see `KafLogic.pick_with`) and show its attention; on a slice
+        whose keypoints are not shown yet, show them first."""
+        if self._parameterNode is None or self._parameterNode.inputVolume is None:
+            return
+        if self.logic.busy:
+            self.showStatus("A job is running: click again when it has finished.")
+            return
+        radius = max(PICK_RADIUS_MM, PICK_RADIUS_PX * millimetres_per_pixel(slice_node))
+        pick = None
+        with slicer.util.tryWithErrorDisplay("Could not pick a keypoint."):
+            pick = self.logic.pick_with(self._parameterNode, ras, radius)
+        if pick is None:
+            return
+        self.showStatus(pick.describe(radius))
+        if pick.keypoint is not None:
+            self.onShowAttention()
+        elif pick.slice_index is not None and not pick.explained:
+            if chosen_file(self._parameterNode.model) is None:
+                self.showStatus("No model yet: fine-tune first, or choose a fine-tuned checkpoint.")
+            else:
+                self.onShowKeypoints()
 
     def onAttentionChoiceChanged(self, value):
         if self.logic.attention_node is not None and self._explanation_is_current():

@@ -317,6 +317,20 @@ def parameters(case):
     return parameters
 
 
+@pytest.fixture
+def parameters_of(mrml_scene):
+    """The module's parameter node holding a volume and a model."""
+    from kafsegment_testing import module_parameter_node
+    from KAFSegmentLib.parameters import KAFSegmentParameterNode
+
+    def make(volume, model: Path):
+        parameters = KAFSegmentParameterNode(module_parameter_node(mrml_scene))
+        parameters.inputVolume, parameters.model = volume, model
+        return parameters
+
+    return make
+
+
 def test_finetune_with_takes_the_settings_of_the_parameter_node(parameters, fake, tmp_path):
     logic, runners, _ = fake
     parameters.preset, parameters.device, parameters.steps, parameters.timeBudget = (
@@ -389,6 +403,154 @@ def test_predict_and_explain_with_use_the_model_and_output_of_the_parameter_node
         "cpu",
     ]
     assert runners[-1].option("--checkpoint") == parameters.model
+
+
+# --- picking a keypoint by clicking in a slice view --------------------------------------------------------
+
+PICK_SHAPE = (6, 40, 50)  # slices, rows, columns: 28 x 35 mm slices at the oblique spacing
+PICKED_KEYPOINTS = "index,row,col,score\n0,5.00,6.00,0.9\n1,30.00,40.00,0.4\n2,31.50,37.25,0.2\n"
+
+
+@pytest.fixture
+def explained(mrml_scene, fake, tmp_path):
+    """(logic, runners, volume): slice 3 of a volume with the oblique geometry (spacing 0.7 x 0.8 x 3 mm,
+    rotated about two axes, shifted) explained by the fake CLI, with three keypoints and keypoint 0's
+    attention."""
+    logic, runners, _ = fake
+    volume = add_volume(mrml_scene, np.zeros(PICK_SHAPE, np.float32), oblique_affine(), "pick")
+    logic.model_path = tmp_path / "model.safetensors"
+    logic.model_path.write_bytes(b"weights")
+    logic.explain(volume, 3, keypoint=0)
+    (runners[-1].option("--out") / "keypoints.csv").write_text(PICKED_KEYPOINTS)
+    runners[-1].finish(0, {"slice": 3, "keypoints": 3})
+    assert logic.explanation.shows(volume, logic.model_path, 3)
+    return logic, runners, volume
+
+
+def ras_of(slice_index: float, row: float, col: float, affine=None) -> np.ndarray:
+    """The RAS position of voxel (i, j, k) = (col, row, slice) of the oblique volume."""
+    return ((oblique_affine() if affine is None else affine) @ [col, row, slice_index, 1])[:3]
+
+
+def test_a_click_on_a_keypoint_picks_it_and_its_attention_follows(explained, parameters_of):
+    logic, runners, volume = explained
+    parameters = parameters_of(volume, logic.model_path)
+    markups = logic.keypoints_node
+
+    pick = logic.pick_with(parameters, ras_of(3, 30.0, 40.0))  # exactly on keypoint 1
+    assert (pick.slice_index, pick.explained, pick.keypoint) == (3, True, 1)
+    assert pick.distance_mm == pytest.approx(0.0, abs=1e-6)
+    assert (parameters.explainSlice, parameters.keypoint) == (3, 1)
+    assert [markups.GetNthControlPointSelected(i) for i in range(3)] == [False, True, False]
+
+    # A click near keypoint 2 (1.3 mm from it, 3.3 mm from keypoint 1) and a little off the slice's
+    # plane (k = 3.3, inside slice 3) picks keypoint 2: distances are millimetres in the slice's plane.
+    pick = logic.pick_with(parameters, ras_of(3.3, 31.0, 35.5))
+    assert (pick.slice_index, pick.keypoint) == (3, 2) and pick.distance_mm == pytest.approx(1.3, abs=0.1)
+
+    # The attention shown is that of the picked keypoint: explain runs again for it.
+    logic.explain_with(parameters)
+    args = runners[-1].args
+    assert [args[args.index(option) + 1] for option in ("--slice", "--keypoint")] == ["3", "2"]
+
+
+def test_a_click_far_from_every_keypoint_picks_none(explained, parameters_of):
+    logic, _runners, volume = explained
+    parameters = parameters_of(volume, logic.model_path)
+    parameters.keypoint = 1
+    pick = logic.pick_with(parameters, ras_of(3, 35.0, 5.0))  # 22.7 mm from keypoint 2, 24 from 0 and 1
+    assert (pick.slice_index, pick.explained, pick.keypoint) == (3, True, None)
+    assert pick.distance_mm == pytest.approx(22.7, abs=0.1)
+    assert parameters.keypoint == 1  # unchanged
+    assert pick.describe(5.0) == "No keypoint within 5.0 mm of the click on slice 3."
+    # A bigger radius (a zoomed-out view) reaches the nearest, keypoint 2.
+    assert logic.pick_with(parameters, ras_of(3, 35.0, 5.0), radius_mm=30.0).keypoint == 2
+
+
+def test_the_slice_follows_the_click(explained, parameters_of):
+    logic, runners, volume = explained
+    parameters = parameters_of(volume, logic.model_path)
+    pick = logic.pick_with(parameters, ras_of(4.6, 30.0, 40.0))  # where keypoint 1 is, two slices on
+    assert (pick.slice_index, pick.explained, pick.keypoint) == (5, False, None)
+    assert parameters.explainSlice == 5  # what Show keypoints explains next
+    assert pick.describe(5.0).startswith("Showing the keypoints of slice 5")
+    logic.explain_with(parameters)
+    args = runners[-1].args
+    assert args[args.index("--slice") + 1] == "5"
+
+    for outside in (ras_of(6.6, 20.0, 20.0), ras_of(-0.6, 20.0, 20.0), ras_of(2, 20.0, 50.0)):
+        assert logic.pick_keypoint(volume, outside).slice_index is None
+    assert logic.pick_keypoint(volume, ras_of(-0.4, 20.0, 20.0)).slice_index == 0
+
+
+def test_clicks_on_a_transformed_volume_pick_where_the_keypoints_are_drawn(explained, mrml_scene):
+    import vtk
+
+    logic, _runners, volume = explained
+    transform = mrml_scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    matrix = vtk.vtkMatrix4x4()
+    for row, shift in enumerate((12.0, -7.5, 30.0)):
+        matrix.SetElement(row, 3, shift)
+    transform.SetMatrixTransformToParent(matrix)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    world = ras_of(3, 5.0, 6.0) + np.array([12.0, -7.5, 30.0])
+    assert logic.pick_keypoint(volume, world).keypoint == 0
+    assert logic.pick_keypoint(volume, ras_of(3, 5.0, 6.0)).slice_index is None  # the untransformed place
+
+
+def test_an_explanation_by_another_model_or_of_another_volume_is_not_picked_from(explained, mrml_scene):
+    logic, _runners, volume = explained
+    other_model = logic.model_path.with_name("other.safetensors")
+    assert not logic.pick_keypoint(volume, ras_of(3, 5.0, 6.0), model=other_model).explained
+    twin = add_volume(mrml_scene, np.zeros(PICK_SHAPE, np.float32), oblique_affine(), "twin")
+    assert not logic.pick_keypoint(twin, ras_of(3, 5.0, 6.0)).explained
+
+
+def test_a_left_click_in_a_slice_view_reaches_the_pick_as_a_ras_position(explained, mrml_scene):
+    """The module's click path on real VTK objects: a slice view's interactor, Slicer's conversion from
+    display position to RAS, and a press and release; a drag is no click, and stopped observers hear
+    nothing."""
+    import slicer
+    import vtk
+    from KAFSegmentLib.clicks import SliceViewClicks, millimetres_per_pixel
+
+    logic, _runners, volume = explained
+    slice_node = mrml_scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    slice_node.SetDimensions(200, 100, 1)
+    slice_node.SetFieldOfView(100.0, 50.0, 1.0)  # 0.5 mm per pixel
+    for axis, value in enumerate(ras_of(3, 30.0, 40.0)):  # an axial view centred on keypoint 1
+        slice_node.GetSliceToRAS().SetElement(axis, 3, value)
+    slice_node.UpdateMatrices()
+    window = vtk.vtkGenericOpenGLRenderWindow()  # no display needed until something renders
+    window.SetSize(200, 100)
+    window.AddRenderer(vtk.vtkRenderer())
+    interactor = vtk.vtkGenericRenderWindowInteractor()
+    interactor.SetRenderWindow(window)
+    # As qMRMLSliceView sets its interactor up: a vtkInteractorStyleUser, and Slicer's slice view style
+    # observing the interactor (VTK's camera styles would grab the mouse and hide the release).
+    interactor.SetInteractorStyle(vtk.vtkInteractorStyleUser())
+    slice_view_style = slicer.vtkMRMLSliceViewInteractorStyle()
+    slice_view_style.SetInteractor(interactor)
+
+    picks = []
+    clicks = SliceViewClicks(lambda ras, node: picks.append(logic.pick_keypoint(volume, ras)))
+    clicks.observe([(interactor, slice_node)])
+
+    def press_release(press, release):
+        interactor.SetEventPosition(*press)
+        interactor.InvokeEvent(vtk.vtkCommand.LeftButtonPressEvent)
+        interactor.SetEventPosition(*release)
+        interactor.InvokeEvent(vtk.vtkCommand.LeftButtonReleaseEvent)
+
+    press_release((100, 50), (101, 49))  # the centre of the view: keypoint 1
+    press_release((100, 50), (160, 50))  # a drag
+    press_release((70, 30), (70, 30))  # 15 mm and 10 mm off the centre: 16 to 18 mm from every keypoint
+    assert [(pick.keypoint, pick.slice_index) for pick in picks] == [(1, 3), (None, 3)]
+    assert millimetres_per_pixel(slice_node) == 0.5
+
+    clicks.stop()
+    press_release((100, 50), (100, 50))
+    assert len(picks) == 2 and not clicks.active
 
 
 # --- the real CLI ---------------------------------------------------------------------------------------

@@ -111,7 +111,11 @@ def stub_slicer(tmp_path: Path, shown_errors: list, real_slicer) -> ModuleType:
             shown_errors.append((message, error))
 
     slicer.util.tryWithErrorDisplay = try_with_error_display
-    slicer.app = SimpleNamespace(temporaryPath=str(tmp_path))
+    layout_manager = MagicMock(name="layoutManager")
+    layout_manager.sliceViewNames.return_value = ["Red", "Green"]
+    slice_widgets = {name: MagicMock(name=f"{name} slice widget") for name in ("Red", "Green")}
+    layout_manager.sliceWidget.side_effect = slice_widgets.get
+    slicer.app = SimpleNamespace(temporaryPath=str(tmp_path), layoutManager=lambda: layout_manager)
     slicer.mrmlScene = real_slicer.vtkMRMLScene()
     slicer.modules = MagicMock(name="slicer.modules")
     scripted = ModuleType("slicer.ScriptedLoadableModule")
@@ -305,6 +309,66 @@ def test_finished_jobs_update_the_widget(module, widget):
     assert widget.ui.statusLabel.text == "Fine-tuned model saved to /m\nWarning: Running on the CPU"
 
 
+def test_pick_by_clicking_observes_the_slice_views_only_while_checked(module, widget):
+    layout_manager = module.slicer.app.layoutManager()
+    layout_manager.layoutChanged.connect.assert_called_once_with(widget.onLayoutChanged)
+    interactors = [layout_manager.sliceWidget(name).sliceView().interactor() for name in ("Red", "Green")]
+    assert not interactors[0].AddObserver.called  # unchecked: clicks do what they always did
+
+    toggled = widget.ui.pickKeypointCheckBox.connect.call_args
+    assert toggled.args == ("toggled(bool)", widget.onPickByClickingToggled)
+    widget.onPickByClickingToggled(True)
+    events = [call.args[0] for call in interactors[0].AddObserver.call_args_list]
+    command = module.vtk.vtkCommand
+    assert events == [command.LeftButtonPressEvent, command.LeftButtonReleaseEvent]
+    assert widget.clicks.active and widget.ui.statusLabel.text.startswith("Click a keypoint")
+
+    widget.onLayoutChanged(2)  # a new layout: observed again, not twice
+    assert interactors[0].RemoveObserver.call_count == 2
+    widget.onPickByClickingToggled(False)
+    assert not widget.clicks.active and interactors[0].RemoveObserver.call_count == 4
+    widget.cleanup()
+    layout_manager.layoutChanged.disconnect.assert_called_once_with(widget.onLayoutChanged)
+
+
+@pytest.mark.parametrize(
+    ("pick", "model", "then", "status"),
+    [
+        ((3, True, 1, 0.5), "model", "attention", "Keypoint 1 of slice 3 (0.5 mm from the click)"),
+        ((5, False, None, None), "model", "keypoints", "Showing the keypoints of slice 5"),
+        ((5, False, None, None), None, None, "No model yet"),
+        ((3, True, None, 9.0), "model", None, "No keypoint within 6.0 mm of the click on slice 3."),
+        ((None, False, None, None), "model", None, "The click is outside the volume."),
+    ],
+)
+def test_a_click_shows_the_picked_keypoints_attention(module, widget, tmp_path, pick, model, then, status):
+    from KAFSegmentLib.volumes import KeypointPick
+
+    parameters = widget._parameterNode
+    parameters.inputVolume = module.slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    if model:
+        parameters.model = tmp_path / "model.safetensors"
+    widget.logic.pick_with = MagicMock(return_value=KeypointPick(*pick))
+    widget.onShowAttention, widget.onShowKeypoints = MagicMock(), MagicMock()
+    slice_node = MagicMock()
+    slice_node.GetFieldOfView.return_value = (250.0, 200.0, 1.0)
+    slice_node.GetDimensions.return_value = (500, 400, 1)  # 0.5 mm per pixel: 12 pixels are 6 mm
+    widget.onSliceViewClicked([1.0, 2.0, 3.0], slice_node)
+
+    widget.logic.pick_with.assert_called_once_with(parameters, [1.0, 2.0, 3.0], 6.0)
+    assert widget.onShowAttention.called == (then == "attention")
+    assert widget.onShowKeypoints.called == (then == "keypoints")
+    assert widget.ui.statusLabel.text.startswith(status)
+
+
+def test_clicks_wait_while_a_job_runs(module, widget):
+    widget._parameterNode.inputVolume = module.slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    widget.logic._job = MagicMock()  # busy
+    widget.logic.pick_with = MagicMock()
+    widget.onSliceViewClicked([0.0, 0.0, 0.0], MagicMock())
+    assert not widget.logic.pick_with.called and widget.ui.statusLabel.text.startswith("A job is running")
+
+
 # --- static checks ----------------------------------------------------------------------------------------
 
 # The widget classes Slicer's parameterNodeWrapper GUI connectors bind (Base/Python/slicer/
@@ -399,6 +463,44 @@ def test_extension_cmake_has_the_wizard_layout():
     order = ["find_package(Slicer REQUIRED)", "add_subdirectory(KAFSegment)", "## NEXT_MODULE"]
     order += ["include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"]
     assert [text.index(line) for line in order] == sorted(text.index(line) for line in order)
+
+
+# Properties of Slicer's extension catalog entry schema (Slicer/Slicer Schemas/
+# slicer-extension-catalog-entry-schema-v1.0.1.json): the first three are required, no others allowed.
+INDEX_REQUIRED = {"$schema", "category", "scm_url"}
+INDEX_OPTIONAL = {"scm_revision", "scm_type", "build_dependencies", "build_subdirectory", "enabled", "tier"}
+
+
+def cmake_value(text: str, variable: str) -> str:
+    return re.search(rf'set\({variable}\s+"([^"]*)"\)', text)[1]
+
+
+def test_extensions_index_entry_matches_the_extension_and_names_files_it_has():
+    """KAFSegment.json, the file to submit to Slicer's ExtensionsIndex: the schema's fields, and the same
+    name, category, dependencies and repository as the extension's CMakeLists.txt, whose icon and
+    screenshot URLs are files of this extension folder in that repository at that revision."""
+    import json
+
+    entry = json.loads((EXTENSION_DIR / "KAFSegment.json").read_text())
+    assert INDEX_REQUIRED <= set(entry) <= INDEX_REQUIRED | INDEX_OPTIONAL
+    assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/")
+    text = (EXTENSION_DIR / "CMakeLists.txt").read_text()
+    assert re.search(r"^project\((\w+)\)", text, re.M)[1] == "KAFSegment"  # the entry's file name
+    assert entry["category"] == cmake_value(text, "EXTENSION_CATEGORY") == "Segmentation"
+    assert entry["build_dependencies"] == cmake_value(text, "EXTENSION_DEPENDS").split()
+    assert entry["build_subdirectory"] == "." and entry["tier"] == 1
+
+    repository = entry["scm_url"]
+    assert repository.startswith("https://") and not repository.endswith(("/", ".git"))
+    assert cmake_value(text, "EXTENSION_HOMEPAGE") == repository
+    files = f"{repository}/raw/{entry['scm_revision']}/"
+    icon = cmake_value(text, "EXTENSION_ICONURL")
+    screenshots = cmake_value(text, "EXTENSION_SCREENSHOTURLS").split()
+    assert icon == files + "KAFSegment/Resources/Icons/KAFSegment.png" and screenshots
+    for url in [icon, *screenshots]:
+        assert url.startswith(files), url
+        path = EXTENSION_DIR / url.removeprefix(files)
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", url
 
 
 def test_test_class_has_run_test_and_helpers_import_no_slicer_or_qt():

@@ -9,10 +9,12 @@ from KAFSegmentLib.volumes import (
     Keypoint,
     annotated_slices,
     keypoints_to_ras,
+    nearest_keypoint,
     read_attention,
     read_keypoints,
     read_nifti,
     slice_center_ras,
+    slice_under,
     write_nifti,
 )
 
@@ -87,3 +89,19 @@ def test_annotated_slices():
     labels = np.zeros((6, 3, 3), np.uint8)
     labels[1, 0, 0] = labels[4, 2, 2] = 2
     assert annotated_slices(labels) == [1, 4]
+
+
+def test_the_slice_under_a_voxel_position_and_the_volume_edges():
+    shape = (4, 5, 6)  # slices, rows, columns
+    assert [slice_under((2.0, 2.0, k), shape) for k in (-0.5, -0.49, 0.49, 0.5, 3.49)] == [0, 0, 0, 1, 3]
+    for outside in ((2.0, 2.0, -0.51), (2.0, 2.0, 3.5), (-0.6, 2.0, 1.0), (5.5, 2.0, 1.0), (2.0, 4.5, 1.0)):
+        assert slice_under(outside, shape) is None
+
+
+def test_the_nearest_keypoint_is_nearest_in_millimetres_not_voxels():
+    affine = np.diag([0.5, 3.0, 2.0, 1.0])  # columns 0.5 mm apart, rows 3 mm
+    keypoints = [Keypoint(0, 11.0, 10.0, 0.9), Keypoint(1, 10.0, 14.0, 0.1)]  # 1 row or 4 columns away
+    click = (10.0, 10.0, 2.2)  # (i, j, k): on slice 2, off its centre plane
+    assert nearest_keypoint(keypoints, 2, affine, click, radius_mm=5.0) == (1, pytest.approx(2.0))
+    assert nearest_keypoint(keypoints, 2, affine, click, radius_mm=1.5) == (None, pytest.approx(2.0))
+    assert nearest_keypoint([], 2, affine, click, radius_mm=5.0) == (None, None)

@@ -32,9 +32,19 @@ from .command import (
 from .process import ProcessRunner
 from .progress import JobOutcome, JobStatus, ProgressParser
 from .signal import Signal
-from .volumes import Keypoint, read_attention, read_keypoints, read_label_table, read_nifti
+from .volumes import (
+    Keypoint,
+    KeypointPick,
+    nearest_keypoint,
+    read_attention,
+    read_keypoints,
+    read_label_table,
+    read_nifti,
+    slice_under,
+)
 
 ATTENTION_FILE = re.compile(r"attention_level(\d+)\.nii(?:\.gz)?")
+PICK_RADIUS_MM = 5.0  # a click picks the nearest keypoint no farther than this
 KEYPOINTS_NODE_NAME = "KAF keypoints"
 ATTENTION_NODE_NAME = "KAF attention"
 NO_ANNOTATION = "Choose the annotation segmentation, or create one with Paint in Segment Editor."
@@ -66,6 +76,10 @@ class Explanation:
             slice_index,
             keypoint,
         )
+
+    def shows(self, volume_node, model: Path | None, slice_index: int) -> bool:
+        """Whether these are the keypoints of that slice of that volume, found by that model."""
+        return (self.volume_node, self.model, self.slice_index) == (volume_node, model, slice_index)
 
     def attention_file(self, level: int) -> Path | None:
         return self.levels.get(level)
@@ -198,7 +212,7 @@ class KafLogic:
         `keypoints_node`, and the attention maps of one of them (shown by `show_attention`)."""
         self._check_can_start(volume_node)
         model = self._require_model(model)
-        slices = volume_node.GetImageData().GetDimensions()[2]
+        slices = mrml.volume_shape(volume_node)[0]
         if not 0 <= slice_index < slices:
             raise KafSegmentError(
                 f"Slice {slice_index} does not exist: the volume has slices 0 to {slices - 1}."
@@ -281,6 +295,37 @@ class KafLogic:
         if show:
             mrml.show_as_foreground(self.attention_node)
         return self.attention_node
+
+    def pick_keypoint(
+        self, volume_node, ras, radius_mm: float = PICK_RADIUS_MM, model: Path | None = None
+    ) -> KeypointPick:
+        """What a click at the world position `ras` in a slice view picks: the slice of `volume_node` under
+        it, and the keypoint nearest to the click among those the last explanation (by `model`, None:
+        `model_path`) found on that slice, if one is within `radius_mm`; its control point is selected."""
+        ijk = mrml.ras_to_ijk(volume_node, ras)
+        slice_index = slice_under(ijk, mrml.volume_shape(volume_node))
+        explanation = self.explanation
+        model = model if model is not None else self.model_path
+        known = explanation is not None and explanation.shows(volume_node, model, slice_index)
+        if slice_index is None or not known:
+            return KeypointPick(slice_index)
+        keypoint, distance = nearest_keypoint(
+            explanation.keypoints, slice_index, mrml.ijk_to_ras(volume_node), ijk, radius_mm
+        )
+        if keypoint is not None:
+            self.select_keypoint(keypoint)
+        return KeypointPick(slice_index, True, keypoint, distance)
+
+    def pick_with(self, parameters, ras, radius_mm: float = PICK_RADIUS_MM) -> KeypointPick:
+        """`pick_keypoint` on a KAFSegmentParameterNode's volume with its model; the clicked slice becomes
+        its `explainSlice`, and a picked keypoint its `keypoint`, so that `explain_with` and the attention
+        display follow the click."""
+        pick = self.pick_keypoint(parameters.inputVolume, ras, radius_mm, chosen_file(parameters.model))
+        if pick.slice_index is not None:
+            parameters.explainSlice = pick.slice_index
+        if pick.keypoint is not None:
+            parameters.keypoint = pick.keypoint
+        return pick
 
     def select_keypoint(self, index: int) -> None:
         if _in_scene(self.keypoints_node):

@@ -44,6 +44,23 @@ def ijk_to_ras(volume_node) -> np.ndarray:
     return slicer.util.arrayFromVTKMatrix(matrix)
 
 
+def ras_to_ijk(volume_node, ras) -> np.ndarray:
+    """The continuous voxel position (i, j, k) of a world RAS position: through the transforms above the
+    volume (to its own RAS), then its RASToIJK matrix."""
+    to_volume = vtk.vtkGeneralTransform()
+    parent = volume_node.GetParentTransformNode()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, parent, to_volume)
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetRASToIJKMatrix(matrix)
+    return np.array(matrix.MultiplyPoint([*to_volume.TransformPoint([float(x) for x in ras]), 1.0])[:3])
+
+
+def volume_shape(volume_node) -> tuple[int, int, int]:
+    """(slices, rows, columns): the [z, y, x] shape of the volume's voxels."""
+    columns, rows, slices = volume_node.GetImageData().GetDimensions()
+    return slices, rows, columns
+
+
 def set_ijk_to_ras(volume_node, affine: np.ndarray) -> None:
     volume_node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(np.asarray(affine, dtype=float)))
 
@@ -201,9 +218,8 @@ def show_as_foreground(volume_node) -> None:
 
 def jump_to_slice(volume_node, slice_index: int) -> None:
     """Move the slice views to the centre of axial slice `slice_index` of the volume."""
-    shape = slicer.util.arrayFromVolume(volume_node).shape
-    right, anterior, superior = slice_center_ras(shape, slice_index, ijk_to_ras(volume_node))
-    slicer.vtkMRMLSliceNode.JumpAllSlices(volume_node.GetScene(), right, anterior, superior)
+    center = slice_center_ras(volume_shape(volume_node), slice_index, ijk_to_ras(volume_node))
+    slicer.vtkMRMLSliceNode.JumpAllSlices(volume_node.GetScene(), *center)
 
 
 def follow_transform(node, volume_node) -> None:

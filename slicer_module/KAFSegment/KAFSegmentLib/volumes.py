@@ -122,3 +122,52 @@ def slice_center_ras(shape_zyx: tuple[int, ...], slice_index: int, ijk_to_ras: n
     _, rows, cols = shape_zyx
     center = Keypoint(-1, (rows - 1) / 2, (cols - 1) / 2, 0.0)
     return keypoints_to_ras([center], slice_index, ijk_to_ras)[0]
+
+
+@dataclass(frozen=True)
+class KeypointPick:
+    """What a click in a slice view picked: the slice of the volume under it (None: the click is outside
+    the volume), whether the keypoints of that slice are known (shown by the last explanation), and the
+    keypoint nearest to the click there, within the pick radius (None: none that close)."""
+
+    slice_index: int | None
+    explained: bool = False
+    keypoint: int | None = None
+    distance_mm: float | None = None  # from the click to the nearest keypoint, in the slice's plane
+
+    def describe(self, radius_mm: float) -> str:
+        if self.slice_index is None:
+            return "The click is outside the volume."
+        if not self.explained:
+            return f"Showing the keypoints of slice {self.slice_index}: click one to see its attention."
+        if self.keypoint is None:
+            return f"No keypoint within {radius_mm:.1f} mm of the click on slice {self.slice_index}."
+        distance = f"{self.distance_mm:.1f} mm from the click"
+        return f"Keypoint {self.keypoint} of slice {self.slice_index} ({distance})"
+
+
+def slice_under(ijk: np.ndarray, shape_zyx: tuple[int, ...]) -> int | None:
+    """The slice (along k) that holds the continuous voxel position `ijk`, None outside the volume. Voxel
+    n covers [n - 0.5, n + 0.5) along each axis, as Slicer draws it."""
+    slices, rows, cols = shape_zyx
+    i, j, k = (float(value) for value in ijk)
+    slice_index = int(np.floor(k + 0.5))
+    inside = -0.5 <= i < cols - 0.5 and -0.5 <= j < rows - 0.5 and 0 <= slice_index < slices
+    return slice_index if inside else None
+
+
+def nearest_keypoint(
+    keypoints: list[Keypoint], slice_index: int, ijk_to_ras: np.ndarray, ijk: np.ndarray, radius_mm: float
+) -> tuple[int | None, float | None]:
+    """(index, distance in mm) of the keypoint of slice `slice_index` nearest to the voxel position `ijk`
+    projected onto that slice; the index is None when the nearest is farther than `radius_mm` (and the
+    distance None when there are no keypoints). Distances are measured in RAS millimetres, so spacing and
+    direction of the volume count as they look on screen."""
+    if not keypoints:
+        return None, None
+    i, j = float(ijk[0]), float(ijk[1])
+    click = keypoints_to_ras([Keypoint(-1, j, i, 0.0)], slice_index, ijk_to_ras)[0]
+    distances = np.linalg.norm(keypoints_to_ras(keypoints, slice_index, ijk_to_ras) - click, axis=1)
+    nearest = int(np.argmin(distances))
+    distance = float(distances[nearest])
+    return (keypoints[nearest].index if distance <= radius_mm else None), distance
