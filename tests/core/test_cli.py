@@ -13,6 +13,7 @@ from kaf_process import run_until
 
 from kaf.app.cli import EXIT_CANCELLED, EXIT_USER_ERROR, main
 from kaf.data.volume_io.label_table import label_color, read_label_table
+from kaf.models.checkpoints import load_checkpoint
 from tests.conftest import save_nifti, synthetic_volume
 
 FAST = ["--steps", "2", "--batch-size", "2", "--crop-size", "32", "--device", "cpu", "--progress", "none"]
@@ -270,6 +271,30 @@ def test_fine_tuning_continues_from_a_fine_tuned_checkpoint(trained, tmp_path, c
     ]
     assert main([*args, *FAST]) == 0
     assert "loaded" in capsys.readouterr().out
+
+
+def test_finetune_at_batch_size_1_on_crops_holding_single_keypoints(synthetic_files, tmp_path):
+    """16 x 16 crops of the 48 x 64 slices often keep one keypoint: one token for the token BatchNorm."""
+    image, sparse, _ = synthetic_files
+    out = tmp_path / "model.safetensors"
+    files = ["--image", str(image), "--labels", str(sparse), "--out", str(out)]
+    training = [
+        "--steps",
+        "6",
+        "--batch-size",
+        "1",
+        "--crop-size",
+        "16",
+        "--device",
+        "cpu",
+        "--progress",
+        "none",
+    ]
+
+    assert main(["finetune", *files, *training]) == 0
+
+    _, metadata = load_checkpoint(out)
+    assert metadata.steps == 6 and metadata.extra["finetune"]["batch_size"] == 1
 
 
 def test_sigterm_stops_a_running_finetune_and_writes_nothing(synthetic_files, tmp_path):

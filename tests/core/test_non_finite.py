@@ -1,5 +1,6 @@
 """NaN and infinity never become a result: such weights are refused on loading, and a model whose outputs
-or training loss are not finite stops its job with a message instead of writing anything."""
+(predictions, attention) or training loss are not finite stops its job with a message instead of writing
+anything."""
 
 from __future__ import annotations
 
@@ -12,9 +13,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from kaf.app.cli import EXIT_USER_ERROR, main
+from kaf.data.intensity import fit_normalization
+from kaf.data.keypoints import KeypointConfig
+from kaf.data.preparation import PreparedVolume
+from kaf.jobs.events import drive
+from kaf.jobs.explain import explain
+from kaf.models import KafOutput, KafUNet
 from kaf.models.checkpoints import load_checkpoint
-from kaf.runtime.errors import CheckpointError
-from tests.conftest import random_checkpoint, save_nifti, synthetic_volume
+from kaf.runtime.errors import CheckpointError, InputDataError
+from tests.conftest import CUSTOM_ARCHITECTURE, random_checkpoint, save_nifti, synthetic_volume
 
 QUIET = ["--device", "cpu", "--progress", "none"]
 
@@ -90,6 +97,42 @@ def test_predict_stops_when_the_model_outputs_are_not_finite(tmp_path: Path, cap
 
     assert f"the model in {checkpoint} produced non-finite outputs (NaN or infinity) on slice 0" in message
     assert "checkpoint or the image is probably corrupt" in message
+
+
+def test_explain_stops_when_the_attention_is_not_finite(monkeypatch) -> None:
+    image = synthetic_volume()[0]
+    prepared = PreparedVolume.from_array(image, fit_normalization(image, "mri"), KeypointConfig(32))
+    model = KafUNet(CUSTOM_ARCHITECTURE)
+    forward = model.forward
+
+    def nan_attention(*args, **kwargs) -> KafOutput:
+        output = forward(*args, **kwargs)
+        output.attention[2][..., 0] = float("nan")  # the rest of the output stays finite
+        return output
+
+    monkeypatch.setattr(model, "forward", nan_attention)
+
+    with pytest.raises(InputDataError) as caught:
+        drive(explain(model, prepared, 3, "cpu", checkpoint="model.safetensors"))
+
+    assert str(caught.value).startswith(
+        "the model in model.safetensors produced non-finite outputs (NaN or infinity) on slice 3 of the "
+        "image, so the explanation stopped without a result"
+    )
+
+
+def test_kaf_explain_with_overflowing_weights_stops_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    checkpoint = edited_checkpoint(tmp_path / "model.safetensors", huge)
+    image = save_nifti(synthetic_volume()[0], tmp_path / "image.nii.gz")
+    out = tmp_path / "explain"
+    arguments = ["--image", str(image), "--checkpoint", str(checkpoint), "--slice", "3", "--out", str(out)]
+
+    assert main(["explain", *arguments, *QUIET]) == EXIT_USER_ERROR
+
+    assert not out.exists()
+    message = capsys.readouterr().err
+    assert f"the model in {checkpoint} produced non-finite outputs (NaN or infinity) on slice 3" in message
+    assert "Traceback" not in message
 
 
 def test_finetune_stops_when_the_loss_is_not_finite(tmp_path: Path, capsys) -> None:

@@ -144,6 +144,26 @@ def predict_checkpoint(write: Callable[[Folders], Path]) -> Callable[[Folders], 
     return lambda folders: predict_arguments(folders, write_image(folders.inputs), write(folders))
 
 
+def explain_checkpoint(write: Callable[[Folders], Path]) -> Callable[[Folders], list[str]]:
+    """A builder for `kaf explain` of one slice of the valid image with the checkpoint `write` makes."""
+
+    def build(folders: Folders) -> list[str]:
+        image, checkpoint, out = write_image(folders.inputs), write(folders), folders.outputs / "explain"
+        return [
+            "--image",
+            str(image),
+            "--checkpoint",
+            str(checkpoint),
+            "--slice",
+            "2",
+            "--out",
+            str(out),
+            *QUIET,
+        ]
+
+    return build
+
+
 # --- damaged images --------------------------------------------------------------------------------------
 
 
@@ -930,6 +950,14 @@ CASES: list[HostileInput] = [
         culprit="model.safetensors",
         expected="produced non-finite outputs",
         build=predict_checkpoint(with_weights(1e30, count=None)),
+    ),
+    HostileInput(
+        name="overflowing-weights-explain",
+        what="checkpoint whose finite weights (all 1e30) make the attention NaN, given to explain",
+        command="explain",
+        culprit="model.safetensors",
+        expected="produced non-finite outputs",
+        build=explain_checkpoint(with_weights(1e30, count=None)),
     ),
     HostileInput(
         name="empty-checkpoint",

@@ -20,7 +20,6 @@ from kaf.app.workflow import (
     Segmentation,
     explain_slice,
     finetune_volume,
-    load_finetuned_model,
     predict_trained,
     predict_volume,
     pretrain_volumes,
@@ -240,13 +239,13 @@ def _single_slice_affine(affine: np.ndarray, slice_axis: int, index: int) -> np.
 
 
 def explain(args, printer, cancel, run) -> dict:
-    model, metadata = load_finetuned_model(args.checkpoint)
     out = Path(args.out)
-    # The folder is the command's own (it has no --force); only the inputs are protected.
-    files = [out, *_explanation_files(out, list(metadata.model_config().kaf_levels))]
+    # The folder is the command's own (it has no --force); only the inputs are protected, from every file
+    # an explanation can write.
+    files = [out, *_explanation_files(out, list(KAF_LEVELS))]
     check_outputs({"--out": files}, {"--image": args.image, "--checkpoint": args.checkpoint}, force=True)
     image = read_volume(args.image)
-    job = explain_slice(image, args.slice, model=model, metadata=metadata, device=args.device)
+    job = explain_slice(image, args.slice, args.checkpoint, device=args.device)
     explanation = run(job, printer)
     keypoint = args.keypoint or 0
     written = _write_explanation(explanation, keypoint, image, out)

@@ -323,8 +323,9 @@ def explain_slice(
 ) -> Job[Explanation]:
     """Keypoints and attention of slice `slice_index` (along the model's slice axis), with the model and
     preparation chosen as in `predict_volume`; `image` may be None when `prepared` is given."""
+    source = checkpoint if model is None else None  # named in errors about the model's outputs
     model, _metadata, prepared = yield from _model_on_image(image, checkpoint, model, metadata, prepared)
-    return (yield from explain(model, prepared, slice_index, device))
+    return (yield from explain(model, prepared, slice_index, device, source))
 
 
 @dataclass

@@ -99,14 +99,14 @@ def move_keypoints(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Input (row, col) -> output (row, col) under p_out = M^-1 (p_in - c_in) + c_out; points that leave
     the crop are masked out; a sample that loses all keeps its nearest point, clamped, so attention has
-    a key to attend to."""
+    a key to attend to (a sample that had none gets none: padding is no point of the slice)."""
     xy = keypoints.flip(-1).to(torch.float32)
     centre_out = torch.tensor([(out_size[1] - 1) / 2, (out_size[0] - 1) / 2])
     moved = torch.einsum("bij,bnj->bni", torch.linalg.inv(matrices), xy - centres[:, None]) + centre_out
     rowcol = moved.round().to(torch.int64).flip(-1)
     limits = torch.tensor(out_size)
     inside = mask & (rowcol >= 0).all(-1) & (rowcol < limits).all(-1)
-    empty = ~inside.any(-1)
+    empty = ~inside.any(-1) & mask.any(-1)
     if empty.any():
         distance = (moved - centre_out).norm(dim=-1).masked_fill(~mask, float("inf"))
         inside[empty, distance[empty].argmin(-1)] = True

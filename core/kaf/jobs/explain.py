@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,6 +11,7 @@ from scipy.ndimage import gaussian_filter
 
 from kaf.data.preparation import PreparedVolume
 from kaf.jobs.events import Job, StageClock
+from kaf.jobs.predict import non_finite_outputs
 from kaf.models import KafUNet
 from kaf.runtime.devices import resolve_device
 from kaf.runtime.errors import InputDataError
@@ -54,8 +56,13 @@ class Explanation:
 
 
 def explain(
-    model: KafUNet, prepared: PreparedVolume, slice_index: int, device: str | torch.device = "auto"
+    model: KafUNet,
+    prepared: PreparedVolume,
+    slice_index: int,
+    device: str | torch.device = "auto",
+    checkpoint: str | Path | None = None,
 ) -> Job[Explanation]:
+    """`checkpoint`, the file `model` came from, is named in errors."""
     if not model.uses_keypoints:
         raise InputDataError("this model has no KAF layer, so it has no keypoint attention to show")
     if not 0 <= slice_index < prepared.slice_count:
@@ -77,6 +84,9 @@ def explain(
         level: weights[0, :, :count, :count].float().cpu().numpy()
         for level, weights in output.attention.items()
     }
+    # Attention maps drawn from NaN would be blank or meaningless, yet look like an explanation.
+    if not all(np.isfinite(weights).all() for weights in attention.values()):
+        raise non_finite_outputs(checkpoint, f"slice {slice_index}", "the explanation")
     yield clock.event("explain", 1, 1)
     return Explanation(
         slice_index=slice_index,

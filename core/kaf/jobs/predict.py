@@ -59,14 +59,22 @@ def _check_finite(
     be meaningless, yet look like a segmentation."""
     if bool(torch.isfinite(probabilities).all()):
         return
-    model = f"the model in {checkpoint}" if checkpoint else "the model"
     where = f"slice {indices[0]}" if len(indices) == 1 else f"slices {indices[0]} to {indices[-1]}"
     # float16's small range can overflow where full precision does not.
     fallback = "; or predict on the CPU" if autocast_dtype(device) == torch.float16 else ""
-    raise InputDataError(
-        f"{model} produced non-finite outputs (NaN or infinity) on {where} of the image, so prediction "
-        "stopped without a result: the checkpoint or the image is probably corrupt. Check the image's "
-        f"intensities, or choose another checkpoint{fallback}."
+    raise non_finite_outputs(checkpoint, where, "prediction", fallback)
+
+
+def non_finite_outputs(
+    checkpoint: str | Path | None, where: str, job: str, advice: str = ""
+) -> InputDataError:
+    """The error of a job whose model output NaN or infinity on `where` of the image; `advice` is added to
+    the suggestions."""
+    model = f"the model in {checkpoint}" if checkpoint else "the model"
+    return InputDataError(
+        f"{model} produced non-finite outputs (NaN or infinity) on {where} of the image, so {job} stopped "
+        "without a result: the checkpoint or the image is probably corrupt. Check the image's intensities, "
+        f"or choose another checkpoint{advice}."
     )
 
 

@@ -36,17 +36,21 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
             return super().forward(tokens)
         flat = tokens.transpose(1, 2)  # [B, N, C]
         valid = flat[mask]  # [M, C]
+        # Fewer than two tokens (batch size 1 with a crop holding one keypoint, or none) have no variance:
+        # such a step normalises with the running statistics, as inference does, so the next layers see
+        # features on their usual scale, and leaves the statistics as they are.
+        batch_statistics = self.training and len(valid) > 1
         normalised = F.batch_norm(
             valid,
             self.running_mean,
             self.running_var,
             self.weight,
             self.bias,
-            self.training,
+            batch_statistics,
             self.momentum if self.momentum is not None else 0.1,
             self.eps,
         )
-        if self.training and self.num_batches_tracked is not None:
+        if batch_statistics and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         out = flat.new_zeros(flat.shape)
         out[mask] = normalised

@@ -80,18 +80,23 @@ def log_optimal_transport(
 
     scores [B, M, N]; dustbin a learnable scalar; masks [B, M] / [B, N] mark valid keypoints (M_b, N_b of
     them). Returns log P [B, M+1, N+1], where valid rows sum to 1, the dustbin row to N_b, valid columns
-    to 1 and the dustbin column to M_b (in P, not log P); padded rows and columns are -inf.
+    to 1 and the dustbin column to M_b (in P, not log P); padded rows and columns are -inf. A sample
+    with no keypoint in either view (M_b = N_b = 0) would have no mass to move and give 0/0: its dustbin
+    row and column exchange a unit instead, so its log P stays finite and its masked loss is 0.
     """
     batch, rows, columns = scores.shape
     scores = scores.float()
     m = row_mask.sum(1).to(scores.dtype)
     n = column_mask.sum(1).to(scores.dtype)
-    norm = -(m + n).log()  # [B]
+    empty = (m + n) == 0
+    bin_row_mass = torch.where(empty, torch.ones_like(n), n)
+    bin_column_mass = torch.where(empty, torch.ones_like(m), m)
+    norm = -(m + bin_row_mass).log()  # [B]
     bin_column = dustbin.to(scores.dtype).expand(batch, rows, 1)
     bin_row = dustbin.to(scores.dtype).expand(batch, 1, columns + 1)
     couplings = torch.cat([torch.cat([scores, bin_column], 2), bin_row], 1)
-    log_mu = torch.cat([norm[:, None].expand(batch, rows), (n.log() + norm)[:, None]], 1)
-    log_nu = torch.cat([norm[:, None].expand(batch, columns), (m.log() + norm)[:, None]], 1)
+    log_mu = torch.cat([norm[:, None].expand(batch, rows), (bin_row_mass.log() + norm)[:, None]], 1)
+    log_nu = torch.cat([norm[:, None].expand(batch, columns), (bin_column_mass.log() + norm)[:, None]], 1)
     log_mu = log_mu.masked_fill(~_with_bin(row_mask), NEGATIVE_INFINITY)
     log_nu = log_nu.masked_fill(~_with_bin(column_mask), NEGATIVE_INFINITY)
     u, v = torch.zeros_like(log_mu), torch.zeros_like(log_nu)
