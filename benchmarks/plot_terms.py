@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from collections import defaultdict
 from itertools import cycle
 from pathlib import Path
@@ -91,12 +92,12 @@ def main() -> None:
             f"{args.dataset}, batch {args.batch}: SupCon chance {chance:.3f}, "
             f"floor at θ = {threshold:g} {floors[threshold]:.3f}"
         )
-    figure, axes = plt.subplots(1, len(terms), figsize=(4.5 * len(terms), 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, len(terms), figsize=(4.5 * len(terms), 4.4), squeeze=False)
     for axis, term in zip(axes[0], terms, strict=True):
         for name, run in runs.items():
             if term in run:
                 steps, values = zip(*run[term], strict=True)
-                axis.plot(steps, values, label=name)
+                axis.plot(steps, values, label=textwrap.fill(name, 45))
         if term.endswith(SUPCON_TERMS):
             axis.axhline(chance, color="grey", linestyle="--", label=f"chance {chance:.2f}")
             for (threshold, floor), style in zip(floors.items(), cycle((":", "-.")), strict=False):
@@ -105,7 +106,7 @@ def main() -> None:
                 )
         axis.set_title(term)
         axis.set_xlabel("step")
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=6, loc="lower left")
     figure.suptitle(args.title or f"{args.dataset}, batch {args.batch}")
     figure.tight_layout()
     figure.savefig(args.out, dpi=110)
