@@ -1,12 +1,15 @@
 """Why the KAF backbone trails the plain UNet (not a test): the same fine-tuning, one model change at a time.
 
-The annotator's protocol (benchmarks/annotator.py) with the product's fine-tuning from random init, k
+The annotator's protocol (benchmarks/annotator.py) with the product's fine-tuning, from random init or
+from pretrained weights (`--init`; a variant whose layout differs keeps the tensors both share and its
+own initial values for the rest, e.g. a gate at 0), k
 annotated slices per volume, on held-out volumes of ACDC and MSD hippocampus, for each backbone variant
 side by side: the plain UNet(c1), the KAF layout without KAF layers (UNet(c2)), the KAF model, and the
 KAF model with its fusion starting at zero. Each (volume, seed) runs every variant, so the differences are
 paired. Prints one JSON line per run, then a paired summary against the first variant named.
 
     python benchmarks/kaf_backbone.py --dataset acdc --variants unet-c2 kaf kaf-gate > acdc.jsonl
+    python benchmarks/kaf_backbone.py --init default --variants kaf kaf-gate > acdc_default.jsonl
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from annotator import annotator_run  # benchmarks/ is on the path when this file
 from scipy.stats import binomtest
 from speed import machine
 
-from kaf.jobs.finetune import FinetuneSettings
-from kaf.models import PRESETS, ModelConfig
+from kaf.app.workflow import load_initialisation
+from kaf.jobs.finetune import FinetuneSettings, Initialisation, transfer_groups
+from kaf.models import PRESETS, KafUNet, ModelConfig
+from kaf.models.checkpoints import CheckpointMetadata, in_groups
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # The few-label benchmark's test patients (seed 0), so that no case here was used to choose a default.
@@ -81,11 +86,34 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def run(dataset: str, case: str, variant: str, slices: int, settings: FinetuneSettings) -> dict:
+def fitted_to(init: Initialisation, config: ModelConfig) -> Initialisation:
+    """Pretrained weights made to fit a variant's layout: the transferred tensors the variant's model also
+    has, with the same shape, are kept; the rest of those groups take the new model's initial values."""
+    fresh = KafUNet(config.with_classes(init.metadata.model_config().classes)).state_dict()
+    groups = transfer_groups(init.metadata)
+    state = {
+        name: init.state[name] if name in init.state and init.state[name].shape == tensor.shape else tensor
+        for name, tensor in fresh.items()
+        if in_groups(name, groups)
+    }
+    model = config.with_classes(init.metadata.model_config().classes).to_dict()
+    metadata = CheckpointMetadata(**{**vars(init.metadata), "model": model})
+    return Initialisation(state, metadata, f"{init.source} (fitted to the variant)")
+
+
+def run(
+    dataset: str,
+    case: str,
+    variant: str,
+    slices: int,
+    settings: FinetuneSettings,
+    init: Initialisation | None,
+) -> dict:
     base = PRESETS["interactive"]
     # Fine-tuning builds the model of the preset it is given by name; the variant stands in for it.
     change_config, change_settings = VARIANTS[variant]
     preset = replace(base, config=change_config(base.config))
+    fitted = None if init is None else fitted_to(init, preset.config)
     folder = DATA / FOLDERS[dataset]
     with mock.patch.dict(PRESETS, {"interactive": preset}):
         result = annotator_run(
@@ -94,12 +122,14 @@ def run(dataset: str, case: str, variant: str, slices: int, settings: FinetuneSe
             slices,
             None,
             change_settings(settings),
+            fitted,
         )
     return {
         "dataset": dataset,
         "case": case,
         "seed": settings.seed,
         "variant": variant,
+        "init": "random" if init is None else init.source,
         "k": slices,
         "dice": round(result.dice, 4),
         "copy": round(result.copy, 4),
@@ -141,15 +171,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=FinetuneSettings.steps)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init", help="pretrained weights to start from ('default': the shipped ones)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# {machine()}; {' '.join(sys.argv)}", file=sys.stderr)
+    init = None if args.init is None else load_initialisation(args.init, None)
     lines = []
     for seed in args.seeds:
         settings = FinetuneSettings(device="cpu", seed=seed, steps=args.steps)
         for case in CASES[args.dataset][args.skip : args.cases]:
             for variant in args.variants:
-                lines.append(run(args.dataset, case, variant, args.slices, settings))
+                lines.append(run(args.dataset, case, variant, args.slices, settings, init))
                 print(json.dumps(lines[-1]), flush=True)
     print(summary(lines, args.variants), file=sys.stderr)
 
