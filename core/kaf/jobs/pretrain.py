@@ -35,6 +35,8 @@ from kaf.models.checkpoints import (
     save_checkpoint,
 )
 from kaf.models.memory_estimate import training_step_bytes
+from kaf.models.unet import check_side
+from kaf.runtime import validation
 from kaf.runtime.devices import (
     autocast,
     check_memory,
@@ -51,6 +53,19 @@ from kaf.ssl.data import PretrainData
 HEADS_PREFIX = "ssl_heads."
 OPTIMISER_PREFIX = "optimiser."
 DEFAULT_STEPS = 1000  # per stage, when neither steps nor epochs are given
+
+
+# The settings a user chooses and their ranges (None: the method's default, or no time limit).
+_SETTING_RANGES = {
+    "steps": validation.STEPS,
+    "epochs": validation.EPOCHS,
+    "batch_size": validation.BATCH_SIZE,
+    "learning_rate": validation.LEARNING_RATE,
+    "view_size": validation.TRAINING_SIDE,
+    "seed": validation.SEED,
+    "time_budget": validation.TIME_BUDGET,
+    "save_every": validation.STEPS,
+}
 
 
 @dataclass(frozen=True)
@@ -75,14 +90,10 @@ class PretrainSettings:
             raise InputDataError(f"backbone must be 'kaf' or 'unet', got '{self.backbone}'")
         if self.steps is not None and self.epochs is not None:
             raise InputDataError("give the length as steps or as epochs, not both")
-        for name in ("steps", "batch_size", "view_size", "save_every"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InputDataError(f"{name} must be at least 1, got {value}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise InputDataError(f"epochs must be positive, got {self.epochs}")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise InputDataError(f"the learning rate must be positive, got {self.learning_rate}")
+        for name, bounds in _SETTING_RANGES.items():
+            bounds.check_optional(getattr(self, name), name)
+        if self.view_size is not None:
+            check_side(self.view_size, "view_size")
         if self.optimiser not in (None, "sgd", "adam"):
             raise InputDataError(f"the optimiser must be 'sgd' or 'adam', got '{self.optimiser}'")
         parse_method_options(self.method, self.method_options)  # refused here, before any data is read
