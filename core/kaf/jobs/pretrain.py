@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -179,7 +180,19 @@ def read_resume_point(path: str | Path, method: str, model_config: ModelConfig) 
             f"{path} holds a model of another preset or backbone (preset '{metadata.preset}'); resume it "
             "with the preset and backbone it was made with"
         )
-    return ResumePoint(state, metadata, int(progress["stage"]), int(progress["stage_step"]), str(path))
+    try:
+        stage = validation.INDEX.check(progress.get("stage"), "extra.pretrain.stage")
+        step = validation.STEPS_DONE.check(progress.get("stage_step"), "extra.pretrain.stage_step")
+    except InputDataError as error:
+        raise _unresumable(path, error) from error
+    return ResumePoint(state, metadata, stage, step, str(path))
+
+
+def _unresumable(path: str | Path, problem: object) -> CheckpointError:
+    return CheckpointError(
+        f"{path} cannot be resumed: its pretraining progress is damaged or was edited ({problem}). Start a "
+        "new run, or fine-tune from the checkpoint as it is."
+    )
 
 
 def steps_per_stage(
@@ -284,6 +297,9 @@ def pretrain(
             raise InputDataError(
                 f"the batch size {batch} must be divisible by the {comm.world_size} processes"
             )
+    totals = [steps_per_stage(settings, data, method, batch) for batch in batches]
+    if resume is not None:
+        _check_steps_left(resume, totals, method.stages)
     check_step_memory(method, config, max(batches) // comm.world_size, device)
     torch.manual_seed(settings.seed)
     model = KafUNet(config)
@@ -303,7 +319,6 @@ def pretrain(
     terms: dict[str, float] = {}
     started = time.perf_counter()
     first_stage = resume.stage if resume else 0
-    totals = [steps_per_stage(settings, data, method, batch) for batch in batches]
     for stage_index in range(first_stage, len(method.stages)):
         stage = method.stages[stage_index]
         batch = batches[stage_index]
@@ -378,6 +393,17 @@ def pretrain(
     return PretrainResult(
         Path(out), list(method.stages), len(losses), losses, terms, time.perf_counter() - started, False
     )
+
+
+def _check_steps_left(resume: ResumePoint, totals: list[int], stages: Sequence[str]) -> None:
+    """Refuse a resumed run with no step left to do: it would end at once and write nothing."""
+    left = sum(totals[resume.stage :]) - (resume.step if resume.stage < len(totals) else 0)
+    if left <= 0:
+        done = ", ".join(f"{total} of {stage}" for total, stage in zip(totals, stages, strict=True))
+        raise InputDataError(
+            f"{resume.source} has finished its pretraining ({done} steps): nothing is left to resume. "
+            "Give more --steps or --epochs than it has done to train it longer."
+        )
 
 
 def check_step_memory(
@@ -485,12 +511,18 @@ def _jsonable(value):
 def with_resume_defaults(settings: PretrainSettings, resume: ResumePoint) -> PretrainSettings:
     """The resumed run keeps the checkpoint's seed, and its length, batch, rate, view size and method
     options wherever the user did not give new ones."""
-    saved = resume.metadata.extra["pretrain"]["settings"]
+    saved = resume.metadata.extra["pretrain"].get("settings")
+    options = saved.get("method_options", ()) if isinstance(saved, dict) else None
+    if not isinstance(options, list | tuple) or not all(isinstance(option, str) for option in options):
+        raise _unresumable(resume.source, f"extra.pretrain.settings is not a set of settings: {saved!r}")
     keep = ("steps", "epochs", "batch_size", "learning_rate", "optimiser", "view_size")
     filled = {key: saved.get(key) for key in keep if getattr(settings, key) is None}
     if not settings.method_options:
-        filled["method_options"] = tuple(saved.get("method_options", ()))
+        filled["method_options"] = tuple(options)
     if settings.steps is not None or settings.epochs is not None:
         filled.pop("steps", None)
         filled.pop("epochs", None)
-    return replace(settings, seed=saved.get("seed", settings.seed), **filled)
+    try:  # the user's own settings were checked already: a refusal here is the file's
+        return replace(settings, seed=saved.get("seed", settings.seed), **filled)
+    except InputDataError as error:
+        raise _unresumable(resume.source, f"extra.pretrain.settings: {error}") from error
