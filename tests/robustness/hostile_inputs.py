@@ -551,6 +551,31 @@ def finetune_from(checkpoint: Callable[[Folders], Path], *options: str) -> Calla
     return build
 
 
+def with_model_settings(**settings: object) -> Callable[[Folders], Path]:
+    """The valid checkpoint whose metadata's model settings are changed, the tensors kept."""
+    return with_metadata(lambda data: data["model"].update(settings))
+
+
+def with_flag(build: Callable[[Folders], list[str]], *flag: str) -> Callable[[Folders], list[str]]:
+    """The builder `build` (of a command whose arguments end in QUIET) with `flag` added."""
+
+    def build_with_flag(folders: Folders) -> list[str]:
+        arguments = build(folders)
+        return [*arguments[: -len(QUIET)], *flag, *QUIET]
+
+    return build_with_flag
+
+
+def finetune_with(*flag: str) -> Callable[[Folders], list[str]]:
+    """A builder for `kaf finetune` on the valid image and labels, with `flag` added."""
+    return lambda folders: finetune_arguments(
+        write_image(folders.inputs),
+        write_labels(folders.inputs),
+        folders.outputs / "model.safetensors",
+        *flag,
+    )
+
+
 # --- the cases -------------------------------------------------------------------------------------------
 
 CASES: list[HostileInput] = [
@@ -958,6 +983,81 @@ CASES: list[HostileInput] = [
         culprit="model.safetensors",
         expected="produced non-finite outputs",
         build=explain_checkpoint(with_weights(1e30, count=None)),
+    ),
+    HostileInput(
+        name="absurd-input-size",
+        what="checkpoint whose model input size is 1000000000 pixels",
+        command="predict",
+        culprit="model.safetensors",
+        expected=r"model\.input_size must be a whole number from 0 to 16,384",
+        build=predict_checkpoint(with_model_settings(input_size=1_000_000_000)),
+    ),
+    HostileInput(
+        name="non-numeric-model-setting",
+        what="checkpoint whose model base width is text ('sixteen')",
+        command="predict",
+        culprit="model.safetensors",
+        expected=r"model\.base_width must be a whole number",
+        build=predict_checkpoint(with_model_settings(base_width="sixteen")),
+    ),
+    HostileInput(
+        name="huge-scale",
+        what="checkpoint whose resize factor is 1000000 (slices would be enlarged a million times)",
+        command="predict",
+        culprit="model.safetensors",
+        expected=r"extra\.scale must be a finite number above 0 and at most 1",
+        build=predict_checkpoint(with_metadata(lambda data: data["extra"].update(scale=1e6))),
+    ),
+    HostileInput(
+        name="nan-normalisation",
+        what="checkpoint whose intensity standard deviation is NaN",
+        command="predict",
+        culprit="model.safetensors",
+        expected=r"normalization\.std must be a finite number",
+        build=predict_checkpoint(with_metadata(lambda data: data["normalization"].update(std=np.nan))),
+    ),
+    HostileInput(
+        name="model-larger-than-memory",
+        what="checkpoint whose model settings, each in range, make a model of about 45 billion parameters "
+        "(refused before any allocation)",
+        command="finetune",
+        culprit="model.safetensors",
+        expected="weights alone need",
+        build=finetune_from(
+            with_model_settings(base_width=256, token_dim=4096, attention_blocks=64), "--preset", "custom"
+        ),
+    ),
+    HostileInput(
+        name="negative-flag",
+        what="negative learning rate",
+        command="finetune",
+        culprit="--learning-rate",
+        expected="must be a finite number above 0 and at most 10, got -0.003",
+        build=finetune_with("--learning-rate", "-0.003"),
+    ),
+    HostileInput(
+        name="nan-flag",
+        what="time budget of NaN seconds",
+        command="finetune",
+        culprit="--time-budget",
+        expected="must be a finite number above 0",
+        build=finetune_with("--time-budget", "nan"),
+    ),
+    HostileInput(
+        name="non-numeric-flag",
+        what="batch size given as a word",
+        command="predict",
+        culprit="--batch-size",
+        expected="must be a whole number from 1 to 1,000,000, got 'four'",
+        build=with_flag(predict_image(write_image), "--batch-size", "four"),
+    ),
+    HostileInput(
+        name="missing-keypoint",
+        what="keypoint index beyond the slice's keypoints, given to explain",
+        command="explain",
+        culprit="keypoint 100000",
+        expected="does not exist; slice 2 has",
+        build=with_flag(explain_checkpoint(copy_finetuned), "--keypoint", "100000"),
     ),
     HostileInput(
         name="empty-checkpoint",

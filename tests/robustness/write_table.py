@@ -71,8 +71,9 @@ def document(rows: list[str]) -> str:
             "",
             f"The suite runs {len(CASES)} hostile inputs through the `kaf` command, in the same process, as "
             "a user would meet them: damaged and foreign images, labels, DICOM series, NRRD files and "
-            "checkpoints. For every row it checks that `kaf` exits with code 2 (a user error), that its "
-            "message on stderr is one paragraph without a traceback, that the message names the bad file "
+            "checkpoints, checkpoints whose metadata holds absurd values, and flags out of range. For every "
+            "row it checks that `kaf` exits with code 2 (a user error), that its message on stderr is one "
+            "paragraph without a traceback, that the message names the bad file or flag "
             "and says what is wrong with it, that the output folder stays empty (not even a hidden partial "
             "file), that every input file is byte-for-byte unchanged, and, for the pickles, that their "
             f"payload never ran. Run the suite with `{RUN_SUITE}`; regenerate this file, by running every "

@@ -16,6 +16,17 @@ from kaf import __version__
 from kaf.jobs.events import CancelToken, Job, ProgressEvent, drive
 from kaf.models import PRESETS
 from kaf.runtime.errors import JobCancelled, KafError
+from kaf.runtime.validation import (
+    BATCH_SIZE,
+    EPOCHS,
+    INDEX,
+    LEARNING_RATE,
+    MAX_SIDE,
+    SEED,
+    STEPS,
+    TIME_BUDGET,
+    TRAINING_SIDE,
+)
 
 EXIT_USER_ERROR = 2
 EXIT_CANCELLED = 130
@@ -85,8 +96,16 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class Parser(argparse.ArgumentParser):
+    """Reports a bad flag as every other error is reported, in one line on stderr with exit code 2,
+    instead of argparse's usage block; the line points to --help for the usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}. See '{self.prog} --help'.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="kaf", description="KAF Segment: few-slice 3D segmentation with keypoint-augmented fusion."
     )
     parser.add_argument("--version", action="version", version=f"kaf {__version__}")
@@ -114,23 +133,31 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[*PRESETS, "custom"],
         help="model size (default: interactive); custom: the architecture of --checkpoint (a plain UNet...)",
     )
-    finetune.add_argument("--steps", type=int, default=None, help="optimiser steps (default 150)")
+    finetune.add_argument("--steps", type=STEPS.flag(), default=None, help="optimiser steps (default 150)")
     finetune.add_argument(
-        "--time-budget", type=float, default=None, help="stop after this many seconds of training"
+        "--time-budget",
+        type=TIME_BUDGET.flag(),
+        default=None,
+        help="stop after this many seconds of training",
     )
-    finetune.add_argument("--batch-size", type=int, default=None, help="slices per step (default 4)")
     finetune.add_argument(
-        "--crop-size", type=int, default=None, help="training crop side, multiple of 16 (default 128)"
+        "--batch-size", type=BATCH_SIZE.flag(), default=None, help="slices per step (default 4)"
+    )
+    finetune.add_argument(
+        "--crop-size",
+        type=TRAINING_SIDE.flag(),
+        default=None,
+        help="training crop side, multiple of 16 (default 128)",
     )
     finetune.add_argument(
         "--learning-rate",
-        type=float,
+        type=LEARNING_RATE.flag(),
         default=None,
         help="initial Adam learning rate (default 3e-3, cosine to 3e-4)",
     )
     finetune.add_argument(
         "--seed",
-        type=int,
+        type=SEED.flag(),
         default=0,
         help="random seed: the same seed gives the same model on the same device",
     )
@@ -151,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.add_argument(
         "--max-side",
-        type=int,
+        type=MAX_SIDE.flag(),
         default=None,
         help="downscale slices to at most this longer side (default: the preset's input size; 0: never)",
     )
@@ -176,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--batch-size",
-        type=int,
+        type=BATCH_SIZE.flag(),
         default=None,
         help="slices per forward pass (default: 1 on the CPU, where it is fastest per slice; 4 on a GPU)",
     )
@@ -192,11 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--image", required=True, help="image volume")
     explain.add_argument("--checkpoint", required=True, help="fine-tuned checkpoint")
     explain.add_argument(
-        "--slice", type=int, required=True, help="slice index along the checkpoint's slice axis"
+        "--slice", type=INDEX.flag(), required=True, help="slice index along the checkpoint's slice axis"
     )
     explain.add_argument(
         "--keypoint",
-        type=int,
+        type=INDEX.flag(),
         default=None,
         help="keypoint whose attention is drawn (default: the strongest, 0)",
     )
@@ -213,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image", help="use this volume instead of the embedded MNI152 template")
     demo.add_argument("--labels", help="reference labels of --image, used to annotate 2 slices and to score")
     demo.add_argument("--out", default="kaf-demo-output", help="output folder (default: ./kaf-demo-output)")
-    demo.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 150)")
+    demo.add_argument("--steps", type=STEPS.flag(), default=None, help="fine-tuning steps (default 150)")
     demo.add_argument(
         "--checkpoint",
         default="default",
@@ -260,13 +287,18 @@ def add_pretrain_parser(commands) -> None:
         help="kaf: the preset's KAF UNet; unet: the plain UNet of the same width (baselines)",
     )
     length = pretrain.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimiser steps per stage (default 1000)")
     length.add_argument(
-        "--epochs", type=float, default=None, help="epochs per stage (an epoch covers every slice once)"
+        "--steps", type=STEPS.flag(), default=None, help="optimiser steps per stage (default 1000)"
+    )
+    length.add_argument(
+        "--epochs",
+        type=EPOCHS.flag(),
+        default=None,
+        help="epochs per stage (an epoch covers every slice once)",
     )
     pretrain.add_argument(
         "--batch-size",
-        type=int,
+        type=BATCH_SIZE.flag(),
         default=None,
         help="items per step over all processes (default: the method's)",
     )
@@ -274,7 +306,7 @@ def add_pretrain_parser(commands) -> None:
         "--lr",
         "--learning-rate",
         dest="learning_rate",
-        type=float,
+        type=LEARNING_RATE.flag(),
         default=None,
         help="initial learning rate (default: the method's, from its paper)",
     )
@@ -286,7 +318,7 @@ def add_pretrain_parser(commands) -> None:
     )
     pretrain.add_argument(
         "--view-size",
-        type=int,
+        type=TRAINING_SIDE.flag(),
         default=None,
         help="side of the training views, a multiple of 16 (default 128)",
     )
@@ -305,10 +337,12 @@ def add_pretrain_parser(commands) -> None:
         help="start the backbone from this checkpoint's transferred weights ('default': the shipped ones)",
     )
     pretrain.add_argument(
-        "--time-budget", type=float, default=None, help="stop (and save) after this many seconds"
+        "--time-budget", type=TIME_BUDGET.flag(), default=None, help="stop (and save) after this many seconds"
     )
-    pretrain.add_argument("--save-every", type=int, default=500, help="write the checkpoint every N steps")
-    pretrain.add_argument("--seed", type=int, default=0, help="random seed (a run is reproducible)")
+    pretrain.add_argument(
+        "--save-every", type=STEPS.flag(), default=500, help="write the checkpoint every N steps"
+    )
+    pretrain.add_argument("--seed", type=SEED.flag(), default=0, help="random seed (a run is reproducible)")
     pretrain.add_argument(
         "--slice-axis",
         type=int,
@@ -339,7 +373,10 @@ def sigterm_cancels(cancel: CancelToken) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # a bad flag (code 2), --help or --version (0): returned like any result
+        return EXIT_USER_ERROR if exit.code else 0
     cancel = CancelToken()
     printer = ProgressPrinter(args.progress)
     from kaf.app import commands  # heavy imports (torch, monai) only after argument parsing

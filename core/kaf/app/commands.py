@@ -248,6 +248,7 @@ def explain(args, printer, cancel, run) -> dict:
     job = explain_slice(image, args.slice, args.checkpoint, device=args.device)
     explanation = run(job, printer)
     keypoint = args.keypoint or 0
+    explanation.check_keypoint(keypoint)  # before any file is written
     written = _write_explanation(explanation, keypoint, image, out)
     return {
         "slice": args.slice,

@@ -47,7 +47,7 @@ from kaf.models.checkpoints import (
     model_with_weights,
 )
 from kaf.models.default_weights import resolve_checkpoint
-from kaf.runtime.errors import CheckpointError, InputDataError
+from kaf.runtime.errors import CheckpointError, InputDataError, KafError
 from kaf.runtime.problems import summarise
 from kaf.ssl import make_method
 from kaf.ssl.data import SKIPPED_LOG, load_pretrain_data, volumes_from_arrays
@@ -70,10 +70,24 @@ def prepare_for_training(
     return PreparedVolume.from_array(volume.array, normalization, keypoints, slice_axis, scale)
 
 
-def prepare_for_inference(volume: Volume, metadata: CheckpointMetadata) -> PreparedVolume:
+def prepare_for_inference(
+    volume: Volume, metadata: CheckpointMetadata, source: str | Path = "The checkpoint"
+) -> PreparedVolume:
     """The checkpoint's recipe replayed on a new volume: same modality and clip window, statistics of
-    this volume (the per-volume z-score of METHODS.md A.6), same keypoints, slice axis and scale."""
-    recorded = IntensityNormalization.from_dict(metadata.normalization) if metadata.normalization else None
+    this volume (the per-volume z-score of METHODS.md A.6), same keypoints, slice axis and scale.
+    `source` names the checkpoint in errors about its recipe."""
+    recorded = (
+        IntensityNormalization.from_dict(metadata.normalization, str(source))
+        if metadata.normalization
+        else None
+    )
+    try:
+        keypoints = KeypointConfig.from_dict(metadata.keypoints)
+    except KafError as error:
+        raise CheckpointError(
+            f"{source}: its keypoint settings are invalid ({error}); the checkpoint is damaged or was "
+            "edited. Choose another checkpoint."
+        ) from error
     modality = recorded.modality if recorded else "auto"
     window = (recorded.clip_low, recorded.clip_high) if recorded and recorded.clip_low is not None else None
     normalization = fit_normalization(
@@ -82,7 +96,7 @@ def prepare_for_inference(volume: Volume, metadata: CheckpointMetadata) -> Prepa
     return PreparedVolume.from_array(
         volume.array,
         normalization,
-        KeypointConfig.from_dict(metadata.keypoints),
+        keypoints,
         metadata.slice_axis,
         float(metadata.extra.get("scale", 1.0)),
     )
@@ -272,7 +286,7 @@ def _model_on_image(
     if prepared is None:
         if image is None:
             raise ValueError("without the prepared image, the image itself is needed")
-        prepared = prepare_for_inference(image, metadata)
+        prepared = prepare_for_inference(image, metadata, checkpoint or "The model's checkpoint")
     return model, metadata, prepared
 
 

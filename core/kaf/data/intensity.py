@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from kaf.runtime.errors import CheckpointError, InputDataError
+from kaf.runtime.validation import INTENSITY_STD
 
 MODALITIES = ("mri", "ct")
-STD_FLOOR = 1e-6
+STD_FLOOR = INTENSITY_STD.low
 # Below -500 HU lies air and lung, which only CT shows; MRI intensities are never negative in practice.
 CT_MIN_BELOW = -500.0
 
@@ -40,7 +41,11 @@ class IntensityNormalization:
                 f"Invalid intensity normalisation: mean {self.mean} and std {self.std} must be finite "
                 f"numbers with std at least {STD_FLOOR}."
             )
-        if self.clip_low is not None and self.clip_high is not None:
+        if (self.clip_low is None) != (self.clip_high is None):
+            raise InputDataError("a clip window needs both ends, clip_low and clip_high")
+        if self.clip_low is not None:
+            if self.modality != "ct":
+                raise InputDataError("only CT intensities are clipped, yet this MRI recipe has a clip window")
             _check_window(self.clip_low, self.clip_high)
 
     def apply(self, array: np.ndarray, source: str = "image") -> np.ndarray:
@@ -56,8 +61,9 @@ class IntensityNormalization:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> IntensityNormalization:
-        """Rebuild from `to_dict`'s output (read from a checkpoint's JSON metadata)."""
+    def from_dict(cls, data: dict, source: str = "The checkpoint") -> IntensityNormalization:
+        """Rebuild from `to_dict`'s output (read from a checkpoint's JSON metadata); `source` names the
+        checkpoint in errors."""
         try:
             return cls(
                 modality=str(data["modality"]),
@@ -68,7 +74,7 @@ class IntensityNormalization:
             )
         except (KeyError, TypeError, ValueError, InputDataError) as exc:
             raise CheckpointError(
-                f"The checkpoint's intensity normalisation is missing or invalid ({exc}); the checkpoint may "
+                f"{source}: its intensity normalisation is missing or invalid ({exc}); the checkpoint may "
                 "be damaged or made by an incompatible version."
             ) from exc
 

@@ -21,6 +21,7 @@ import torch
 
 from kaf.runtime.errors import InputDataError, KafError
 from kaf.runtime.problems import listed
+from kaf.runtime.validation import MAX_KEYPOINTS
 
 DESCRIPTOR_SIZE = 128
 NUM_LEVELS = 4
@@ -37,10 +38,7 @@ class KeypointConfig:
     detector: str = "sift"
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_keypoints, bool) or not isinstance(self.max_keypoints, int):
-            raise KafError(f"max_keypoints must be an integer, got {self.max_keypoints!r}.")
-        if self.max_keypoints < 1:
-            raise KafError(f"max_keypoints must be at least 1, got {self.max_keypoints}.")
+        MAX_KEYPOINTS.check(self.max_keypoints, "max_keypoints")
         if self.detector not in SUPPORTED_DETECTORS:
             raise KafError(
                 f"Unknown keypoint detector {self.detector!r}; supported: {', '.join(SUPPORTED_DETECTORS)}."

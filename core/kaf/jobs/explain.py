@@ -34,6 +34,13 @@ class Explanation:
     def heads(self) -> int:
         return next(iter(self.attention.values())).shape[0]
 
+    def check_keypoint(self, keypoint: int) -> None:
+        if not 0 <= keypoint < len(self.keypoints_model):
+            raise InputDataError(
+                f"keypoint {keypoint} does not exist; "
+                f"slice {self.slice_index} has {len(self.keypoints_model)} keypoints"
+            )
+
     def attention_map(self, level: int, head: int, keypoint: int) -> np.ndarray:
         """(H, W) float32 in [0, 1] on the slice grid: keypoint `keypoint`'s attention to every keypoint,
         drawn as a Gaussian blob at each target whose width is the level's pixel size (2**(level-1))."""
@@ -41,11 +48,7 @@ class Explanation:
             raise InputDataError(f"level {level} has no KAF layer; levels with attention: {self.levels}")
         if not 0 <= head < self.heads:
             raise InputDataError(f"head {head} does not exist; the model has heads 0..{self.heads - 1}")
-        if not 0 <= keypoint < len(self.keypoints_model):
-            raise InputDataError(
-                f"keypoint {keypoint} does not exist; "
-                f"slice {self.slice_index} has {len(self.keypoints_model)} keypoints"
-            )
+        self.check_keypoint(keypoint)
         weights = self.attention[level][head, keypoint]
         canvas = np.zeros(self.prepared.layout.padded_shape, dtype=np.float32)
         np.add.at(canvas, tuple(self.keypoints_model.T), weights)

@@ -23,6 +23,8 @@ from kaf.models.checkpoints import (
     load_weights,
 )
 from kaf.models.memory_estimate import training_step_bytes
+from kaf.models.unet import check_side
+from kaf.runtime import validation
 from kaf.runtime.devices import (
     autocast,
     check_memory,
@@ -35,6 +37,17 @@ from kaf.runtime.errors import InputDataError
 
 # What KAF transfers from pretraining (METHODS.md A.5); a pretraining checkpoint names its own groups.
 PRETRAINED_GROUPS = ("encoder", "bottleneck")
+
+
+# The settings a user chooses and their ranges (time_budget may be None: no limit).
+_SETTING_RANGES = {
+    "steps": validation.STEPS,
+    "time_budget": validation.TIME_BUDGET,
+    "batch_size": validation.BATCH_SIZE,
+    "crop_size": validation.TRAINING_SIDE,
+    "learning_rate": validation.LEARNING_RATE,
+    "seed": validation.SEED,
+}
 
 
 @dataclass(frozen=True)
@@ -59,17 +72,13 @@ class FinetuneSettings:
     kaf_learning_rate_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "crop_size"):
-            if getattr(self, name) < 1:
-                raise InputDataError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.crop_size % 16:
-            raise InputDataError(f"crop_size must be a multiple of 16, got {self.crop_size}")
+        for name, bounds in _SETTING_RANGES.items():
+            bounds.check_optional(getattr(self, name), name)
+        check_side(self.crop_size, "crop_size")
         if not 0 < self.kaf_learning_rate_scale <= 100:
             raise InputDataError(
                 f"the KAF layers' learning-rate scale must be in (0, 100], got {self.kaf_learning_rate_scale}"
             )
-        if self.time_budget is not None and self.time_budget <= 0:
-            raise InputDataError(f"the time budget must be positive, got {self.time_budget} s")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from kaf.models.checkpoints import (
     save_checkpoint,
 )
 from kaf.models.memory_estimate import training_step_bytes
+from kaf.models.unet import check_side
+from kaf.runtime import validation
 from kaf.runtime.devices import (
     autocast,
     check_memory,
@@ -51,6 +54,19 @@ from kaf.ssl.data import PretrainData
 HEADS_PREFIX = "ssl_heads."
 OPTIMISER_PREFIX = "optimiser."
 DEFAULT_STEPS = 1000  # per stage, when neither steps nor epochs are given
+
+
+# The settings a user chooses and their ranges (None: the method's default, or no time limit).
+_SETTING_RANGES = {
+    "steps": validation.STEPS,
+    "epochs": validation.EPOCHS,
+    "batch_size": validation.BATCH_SIZE,
+    "learning_rate": validation.LEARNING_RATE,
+    "view_size": validation.TRAINING_SIDE,
+    "seed": validation.SEED,
+    "time_budget": validation.TIME_BUDGET,
+    "save_every": validation.STEPS,
+}
 
 
 @dataclass(frozen=True)
@@ -75,14 +91,10 @@ class PretrainSettings:
             raise InputDataError(f"backbone must be 'kaf' or 'unet', got '{self.backbone}'")
         if self.steps is not None and self.epochs is not None:
             raise InputDataError("give the length as steps or as epochs, not both")
-        for name in ("steps", "batch_size", "view_size", "save_every"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise InputDataError(f"{name} must be at least 1, got {value}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise InputDataError(f"epochs must be positive, got {self.epochs}")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise InputDataError(f"the learning rate must be positive, got {self.learning_rate}")
+        for name, bounds in _SETTING_RANGES.items():
+            bounds.check_optional(getattr(self, name), name)
+        if self.view_size is not None:
+            check_side(self.view_size, "view_size")
         if self.optimiser not in (None, "sgd", "adam"):
             raise InputDataError(f"the optimiser must be 'sgd' or 'adam', got '{self.optimiser}'")
         parse_method_options(self.method, self.method_options)  # refused here, before any data is read
@@ -168,7 +180,19 @@ def read_resume_point(path: str | Path, method: str, model_config: ModelConfig) 
             f"{path} holds a model of another preset or backbone (preset '{metadata.preset}'); resume it "
             "with the preset and backbone it was made with"
         )
-    return ResumePoint(state, metadata, int(progress["stage"]), int(progress["stage_step"]), str(path))
+    try:
+        stage = validation.INDEX.check(progress.get("stage"), "extra.pretrain.stage")
+        step = validation.STEPS_DONE.check(progress.get("stage_step"), "extra.pretrain.stage_step")
+    except InputDataError as error:
+        raise _unresumable(path, error) from error
+    return ResumePoint(state, metadata, stage, step, str(path))
+
+
+def _unresumable(path: str | Path, problem: object) -> CheckpointError:
+    return CheckpointError(
+        f"{path} cannot be resumed: its pretraining progress is damaged or was edited ({problem}). Start a "
+        "new run, or fine-tune from the checkpoint as it is."
+    )
 
 
 def steps_per_stage(
@@ -273,6 +297,9 @@ def pretrain(
             raise InputDataError(
                 f"the batch size {batch} must be divisible by the {comm.world_size} processes"
             )
+    totals = [steps_per_stage(settings, data, method, batch) for batch in batches]
+    if resume is not None:
+        _check_steps_left(resume, totals, method.stages)
     check_step_memory(method, config, max(batches) // comm.world_size, device)
     torch.manual_seed(settings.seed)
     model = KafUNet(config)
@@ -292,7 +319,6 @@ def pretrain(
     terms: dict[str, float] = {}
     started = time.perf_counter()
     first_stage = resume.stage if resume else 0
-    totals = [steps_per_stage(settings, data, method, batch) for batch in batches]
     for stage_index in range(first_stage, len(method.stages)):
         stage = method.stages[stage_index]
         batch = batches[stage_index]
@@ -367,6 +393,17 @@ def pretrain(
     return PretrainResult(
         Path(out), list(method.stages), len(losses), losses, terms, time.perf_counter() - started, False
     )
+
+
+def _check_steps_left(resume: ResumePoint, totals: list[int], stages: Sequence[str]) -> None:
+    """Refuse a resumed run with no step left to do: it would end at once and write nothing."""
+    left = sum(totals[resume.stage :]) - (resume.step if resume.stage < len(totals) else 0)
+    if left <= 0:
+        done = ", ".join(f"{total} of {stage}" for total, stage in zip(totals, stages, strict=True))
+        raise InputDataError(
+            f"{resume.source} has finished its pretraining ({done} steps): nothing is left to resume. "
+            "Give more --steps or --epochs than it has done to train it longer."
+        )
 
 
 def check_step_memory(
@@ -474,12 +511,18 @@ def _jsonable(value):
 def with_resume_defaults(settings: PretrainSettings, resume: ResumePoint) -> PretrainSettings:
     """The resumed run keeps the checkpoint's seed, and its length, batch, rate, view size and method
     options wherever the user did not give new ones."""
-    saved = resume.metadata.extra["pretrain"]["settings"]
+    saved = resume.metadata.extra["pretrain"].get("settings")
+    options = saved.get("method_options", ()) if isinstance(saved, dict) else None
+    if not isinstance(options, list | tuple) or not all(isinstance(option, str) for option in options):
+        raise _unresumable(resume.source, f"extra.pretrain.settings is not a set of settings: {saved!r}")
     keep = ("steps", "epochs", "batch_size", "learning_rate", "optimiser", "view_size")
     filled = {key: saved.get(key) for key in keep if getattr(settings, key) is None}
     if not settings.method_options:
-        filled["method_options"] = tuple(saved.get("method_options", ()))
+        filled["method_options"] = tuple(options)
     if settings.steps is not None or settings.epochs is not None:
         filled.pop("steps", None)
         filled.pop("epochs", None)
-    return replace(settings, seed=saved.get("seed", settings.seed), **filled)
+    try:  # the user's own settings were checked already: a refusal here is the file's
+        return replace(settings, seed=saved.get("seed", settings.seed), **filled)
+    except InputDataError as error:
+        raise _unresumable(resume.source, f"extra.pretrain.settings: {error}") from error

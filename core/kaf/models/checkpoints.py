@@ -24,8 +24,11 @@ from safetensors.torch import save_file
 import kaf
 from kaf.models.config import PRESETS, ModelConfig, preset_config
 from kaf.models.unet import KafUNet
+from kaf.runtime import validation
 from kaf.runtime.atomic import give_default_permissions
+from kaf.runtime.devices import MEMORY_MARGIN, format_bytes
 from kaf.runtime.errors import CheckpointError, KafError
+from kaf.runtime.host_memory import available_ram_bytes
 from kaf.runtime.problems import listed
 
 FORMAT_VERSION = 1
@@ -51,6 +54,25 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "format_version": int,
     "extra": dict,
 }
+# Top-level numbers and their ranges (the model's are ModelConfig's own).
+_NUMBERS = {
+    "slice_axis": validation.SLICE_AXIS,
+    "steps": validation.STEPS_DONE,
+    "format_version": validation.FORMAT_VERSION,
+}
+# Numbers inside the metadata's dicts that inference and fine-tuning read: (section, key) -> (range, what
+# else it may be). "optional": absent (keypoint settings take their defaults, old files have no scale);
+# "nullable": null (no clip window); "required": neither.
+_NESTED_NUMBERS: dict[tuple[str, str], tuple[validation.Bounds, str]] = {
+    ("keypoints", "max_keypoints"): (validation.MAX_KEYPOINTS, "optional"),
+    ("normalization", "mean"): (validation.INTENSITY, "required"),
+    ("normalization", "std"): (validation.INTENSITY_STD, "required"),
+    ("normalization", "clip_low"): (validation.INTENSITY, "nullable"),
+    ("normalization", "clip_high"): (validation.INTENSITY, "nullable"),
+    ("extra", "scale"): (validation.SCALE, "optional"),
+}
+# The settings that set a model's size, named when its weights would not fit in memory.
+_SIZE_SETTINGS = ("base_width", "token_dim", "attention_heads", "attention_blocks", "in_channels", "classes")
 
 
 @dataclass
@@ -80,9 +102,20 @@ class CheckpointMetadata:
                 raise KafError(f"'{name}' has the wrong type: {getattr(self, name)!r}")
         if not all(isinstance(name, str) for name in self.label_names):
             raise KafError(f"label_names must be strings, got {self.label_names!r}")
-        if self.slice_axis not in (0, 1, 2):
-            raise KafError(f"slice_axis must be 0, 1 or 2, got {self.slice_axis}")
-        classes = self.model_config().classes
+        for name, bounds in _NUMBERS.items():
+            bounds.check(getattr(self, name), name)
+        for (section, key), (bounds, allowed) in _NESTED_NUMBERS.items():
+            values = getattr(self, section)
+            skipped = values is None or (allowed == "optional" and key not in values)
+            if not skipped and not (allowed == "nullable" and values.get(key) is None):
+                bounds.check(values.get(key), f"{section}.{key}")
+        transfer = self.extra.get("transfer", [])
+        if not isinstance(transfer, list) or not all(isinstance(group, str) for group in transfer):
+            raise KafError(f"extra.transfer must be a list of parameter group names, got {transfer!r}")
+        try:
+            classes = self.model_config().classes
+        except KafError as error:
+            raise KafError(f"model.{error}") from error
         if len(self.label_names) != classes:
             raise KafError(f"{len(self.label_names)} label names for a model with {classes} classes")
 
@@ -97,7 +130,7 @@ class CheckpointMetadata:
         """Parse metadata read from the checkpoint at `path` (named in errors)."""
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, or a number longer than Python converts
             raise _damaged(path, f"its metadata is not valid JSON ({exc})") from exc
         if not isinstance(data, dict):
             raise _damaged(path, "its metadata is not a JSON object")
@@ -171,6 +204,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
     try:
         with safe_open(path, framework="pt", device="cpu") as checkpoint:
             metadata = _read_metadata(checkpoint.metadata(), path)
+            _check_model_memory(metadata, path)
             names = checkpoint.keys()
             tensors = {name: checkpoint.get_tensor(name) for name in names}
     except SafetensorError as exc:
@@ -179,6 +213,28 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
         raise CheckpointError(f"{path} cannot be read ({exc}); check its permissions.") from exc
     _check_finite(tensors, path)
     return tensors, metadata
+
+
+def _check_model_memory(metadata: CheckpointMetadata, path: Path) -> None:
+    """Refuse, before anything is allocated, a model whose weights alone would not fit in memory: each
+    setting may lie in its range while their product is absurd (a damaged or hand-edited file). The
+    model is built on PyTorch's meta device, which records shapes and allocates nothing."""
+    config = metadata.model_config()
+    with torch.device("meta"):
+        model = KafUNet(config)
+    tensors = [*model.parameters(), *model.buffers()]
+    needed = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    available = available_ram_bytes()
+    if available is None or needed <= MEMORY_MARGIN * available:
+        return
+    settings = ", ".join(f"{name} {getattr(config, name)}" for name in _SIZE_SETTINGS)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    raise CheckpointError(
+        f"{path}: its metadata describes a model of {parameters:,} parameters (model: {settings}) whose "
+        f"weights alone need {format_bytes(needed)} of memory, and this machine can give "
+        f"{format_bytes(int(MEMORY_MARGIN * available))}; the metadata is damaged or was edited, or the "
+        "model was made for a much larger machine. Choose another checkpoint."
+    )
 
 
 def _check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -269,14 +325,16 @@ def model_with_weights(
     state: Mapping[str, torch.Tensor], metadata: CheckpointMetadata, path: str | Path
 ) -> KafUNet:
     """The model a checkpoint's metadata describes, holding the checkpoint's weights. Weights that do not fit
-    the checkpoint's own metadata mean a damaged or hand-edited file, not a wrong choice of the user's."""
-    model = build_model(metadata)
-    expected = model.state_dict()
+    the checkpoint's own metadata mean a damaged or hand-edited file, not a wrong choice of the user's.
+    They are compared on the meta device (shapes only), so a model that does not fit is never allocated."""
+    with torch.device("meta"):
+        expected = build_model(metadata).state_dict()
     problems = _mismatches(expected, state, list(expected), list(state))
     if problems:
         raise _damaged(
             path, f"its weights do not fit the model its metadata describes ({'; '.join(problems)})"
         )
+    model = build_model(metadata)
     model.load_state_dict(state)
     return model
 
@@ -314,7 +372,7 @@ def load_weights(
     """
     expected = model.state_dict()
     if groups is not None:
-        _check_group_names(groups, model)
+        _check_group_names(groups, model, source)
     selected = [name for name in expected if groups is None or in_groups(name, groups)]
     considered = [name for name in state if groups is None or in_groups(name, groups)]
     problems = _mismatches(expected, state, selected, considered)
@@ -340,12 +398,13 @@ def _groups_of(names: list[str]) -> list[str]:
     return list(dict.fromkeys(_group(name) for name in names))
 
 
-def _check_group_names(groups: Sequence[str], model: KafUNet) -> None:
+def _check_group_names(groups: Sequence[str], model: KafUNet, source: str) -> None:
     known = list(model.parameter_groups())
     names = list(model.state_dict())
     unknown = [group for group in groups if not any(in_groups(name, [group]) for name in names)]
     if unknown:
-        raise KafError(f"unknown parameter groups {unknown}; choose from {', '.join(known)}")
+        where = f"{source}: " if source else ""
+        raise KafError(f"{where}unknown parameter groups {unknown}; choose from {', '.join(known)}")
 
 
 def _mismatches(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from kaf.runtime import validation
 from kaf.runtime.errors import KafError
 
 KAF_LEVELS = (1, 2, 3, 4)  # the encoder levels that can carry a KAF layer
@@ -36,6 +37,14 @@ class ModelConfig:
     input_size: int = 128  # slices are downscaled so their longer side is at most this (0 = never)
 
     def __post_init__(self) -> None:
+        for name, bounds in _NUMBER_RANGES.items():
+            bounds.check(getattr(self, name), name)
+        if not isinstance(self.fusion_starts_at_zero, bool):
+            raise KafError(f"fusion_starts_at_zero must be true or false, got {self.fusion_starts_at_zero!r}")
+        if not isinstance(self.kaf_levels, tuple) or not all(
+            isinstance(level, int) and not isinstance(level, bool) for level in self.kaf_levels
+        ):
+            raise KafError(f"kaf_levels must be a list of levels from 1 to 4, got {self.kaf_levels!r}")
         if self.token_dim % self.attention_heads:
             raise KafError(f"token_dim {self.token_dim} is not divisible by {self.attention_heads} heads")
         if not set(self.kaf_levels) <= set(KAF_LEVELS):
@@ -44,10 +53,6 @@ class ModelConfig:
             raise KafError(f"layout must be 'kaf' or 'plain', got '{self.layout}'")
         if self.layout == "plain" and self.kaf_levels:
             raise KafError("the 'plain' layout has no KAF layers: set kaf_levels=()")
-        if self.classes < 2:
-            raise KafError(
-                f"a segmentation model needs at least 2 classes (background + one), got {self.classes}"
-            )
 
     def to_dict(self) -> dict:
         values = asdict(self)
@@ -61,7 +66,7 @@ class ModelConfig:
         if unknown:
             raise KafError(f"unknown model settings {sorted(unknown)}")
         values = dict(values)
-        if "kaf_levels" in values:
+        if isinstance(values.get("kaf_levels"), list):
             values["kaf_levels"] = tuple(values["kaf_levels"])
         return cls(**values)
 
@@ -75,6 +80,19 @@ class ModelConfig:
     def plain_unet(self) -> ModelConfig:
         """The plain PCL UNet at this width, with no KAF layer: the paper's UNet(c1)."""
         return replace(self, kaf_levels=(), layout="plain")
+
+
+# The numbers of a ModelConfig and their ranges: checked for every model, a checkpoint's included.
+_NUMBER_RANGES = {
+    "base_width": validation.BASE_WIDTH,
+    "token_dim": validation.TOKEN_DIM,
+    "attention_heads": validation.ATTENTION_HEADS,
+    "attention_blocks": validation.ATTENTION_BLOCKS,
+    "in_channels": validation.IN_CHANNELS,
+    "classes": validation.CLASSES,
+    "max_keypoints": validation.MAX_KEYPOINTS,
+    "input_size": validation.MAX_SIDE,
+}
 
 
 @dataclass(frozen=True)

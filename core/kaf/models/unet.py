@@ -16,6 +16,12 @@ LEVELS = 4
 SIDE_MULTIPLE = 2**LEVELS
 
 
+def check_side(side: int, name: str) -> None:
+    """Refuse a training crop or view side that the UNet's LEVELS poolings cannot halve evenly."""
+    if side % SIDE_MULTIPLE:
+        raise InputDataError(f"{name} must be a multiple of {SIDE_MULTIPLE}, got {side}")
+
+
 @dataclass
 class KafOutput:
     logits: torch.Tensor | None  # [B, classes, H, W]; None when decoding stopped early

@@ -16,6 +16,7 @@ import importlib
 import math
 from collections.abc import Sequence
 
+from kaf.runtime import validation
 from kaf.runtime.errors import InputDataError, KafError
 from kaf.ssl.base import PretrainMethod
 
@@ -41,6 +42,10 @@ def make_method(name: str, **config_overrides) -> PretrainMethod:
     return method_class(method_class.config_class(**config_overrides))
 
 
+# Options that are also settings of their own, with the same range as the flag that sets them.
+_OPTION_RANGES = {"view_size": validation.TRAINING_SIDE}
+
+
 def parse_method_options(name: str, options: Sequence[str]) -> dict[str, bool | int | float]:
     """Config overrides from "FIELD=VALUE" texts (`kaf pretrain --method-option`): only the method's
     number and yes/no fields, each converted to its field's type and checked by the config itself."""
@@ -55,11 +60,13 @@ def parse_method_options(name: str, options: Sequence[str]) -> dict[str, bool | 
         key, separator, value = text.partition("=")
         if not separator or key.strip() not in settable:
             raise InputDataError(
-                f"--method-option '{text}': give FIELD=VALUE with one of the {name} method's fields: "
+                f"--method-option {text!r}: give FIELD=VALUE with one of the {name} method's fields: "
                 f"{', '.join(sorted(settable))}"
             )
         key = key.strip()
         overrides[key] = _option_value(text, value.strip(), settable[key])
+        if key in _OPTION_RANGES:
+            _OPTION_RANGES[key].check(overrides[key], f"--method-option {key}")
     try:
         config_class(**overrides)
     except ValueError as error:
@@ -70,14 +77,14 @@ def parse_method_options(name: str, options: Sequence[str]) -> dict[str, bool | 
 def _option_value(text: str, value: str, kind: type) -> bool | int | float:
     if kind is bool:
         if value.lower() not in ("true", "false"):
-            raise InputDataError(f"--method-option '{text}': the value must be true or false")
+            raise InputDataError(f"--method-option {text!r}: the value must be true or false")
         return value.lower() == "true"
     try:
         number = kind(value)
     except ValueError as error:
         raise InputDataError(
-            f"--method-option '{text}': the value must be a{'n integer' if kind is int else ' number'}"
+            f"--method-option {text!r}: the value must be a{'n integer' if kind is int else ' number'}"
         ) from error
     if not math.isfinite(number):
-        raise InputDataError(f"--method-option '{text}': the value must be finite")
+        raise InputDataError(f"--method-option {text!r}: the value must be finite")
     return number
