@@ -103,6 +103,23 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_finished_run_resumes_only_to_train_its_last_stage_longer(tmp_path):
+    out = tmp_path / "gcl.safetensors"
+    data = _data()
+    _run(data, _settings(method="gcl", steps=1), out)
+    finished = read_resume_point(out, "gcl", TINY)
+    assert (finished.stage, finished.step) == (1, 1)
+    with pytest.raises(InputDataError, match="nothing is left to resume"):
+        _run(data, _settings(method="gcl", steps=1), out, resume=finished)
+
+    stages = []
+    result = _run(data, _settings(method="gcl", steps=3), out, resume=finished, on_event=stages.append)
+    assert result.steps == 2
+    assert {event.stage for event in stages if event.loss is not None} == {"pretrain gcl (local)"}
+    _, metadata = load_checkpoint(out)
+    assert metadata.steps == 6 and metadata.extra["pretrain"]["stage_step"] == 3
+
+
 def test_stop_keeps_the_last_complete_checkpoint(tmp_path):
     out = tmp_path / "kaf.safetensors"
     cancel = CancelToken()

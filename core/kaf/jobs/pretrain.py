@@ -467,9 +467,12 @@ def _load_network(network: PretrainNetwork, resume: ResumePoint) -> None:
 def _save(
     out, network, optimiser, names, settings, method, data, stage_index, stage_step, totals, comm
 ) -> None:
-    total = totals[stage_index]
     if comm.rank != 0:
         return
+    # A finished stage resumes at the start of the next one; the last stage stays at its end, so a
+    # finished run given more --steps trains its last stage longer.
+    stage_done = stage_step == totals[stage_index] and stage_index + 1 < len(totals)
+    next_stage, next_step = (stage_index + 1, 0) if stage_done else (stage_index, stage_step)
     state = dict(network.model.state_dict())
     state.update({HEADS_PREFIX + name: t for name, t in network.heads.state_dict().items()})
     state.update(optimiser_tensors(optimiser, names))
@@ -486,8 +489,8 @@ def _save(
         extra={
             "transfer": list(method.transfer_groups()),
             "pretrain": {
-                "stage": stage_index if stage_step < total else stage_index + 1,
-                "stage_step": stage_step if stage_step < total else 0,
+                "stage": next_stage,
+                "stage_step": next_step,
                 "stages": list(method.stages),
                 "steps_per_stage": totals,
                 "settings": asdict(settings),
