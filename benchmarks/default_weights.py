@@ -8,6 +8,10 @@
    foreground Dice on the other slices, beside copying the nearest annotated slice.
 
     python benchmarks/default_weights.py --pretrained PRETRAINED.safetensors --command "kaf pretrain ..."
+
+When the interactive preset's layout changes (other KAF levels, a gate), `--refit` rewrites the shipped
+file for it (kaf.models.default_weights.refit_to_layout: shared tensors kept, new ones at their initial
+values, the change recorded in its metadata) and scores it the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from kaf.app.workflow import load_initialisation
 from kaf.jobs.finetune import FinetuneSettings
 from kaf.models import ModelConfig, preset_config
 from kaf.models.checkpoints import load_checkpoint
-from kaf.models.default_weights import WEIGHTS_FILE, export_for_transfer
+from kaf.models.default_weights import WEIGHTS_FILE, export_for_transfer, refit_to_layout
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hippocampus"
 WEIGHTS = Path(__file__).resolve().parents[1] / "core" / "kaf" / "weights"
@@ -112,32 +116,51 @@ def card(rows: list[dict], args, exported: Path) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--pretrained", type=Path, required=True, help="the `kaf pretrain` checkpoint to export"
-    )
-    parser.add_argument("--command", required=True, help="the exact pretraining command, for the card")
-    parser.add_argument("--steps-done", type=int, required=True)
-    parser.add_argument("--slices", type=int, nargs="+", default=[2])
-    parser.add_argument("--cases", type=int, default=HELD_OUT, help="score the first N held-out cases")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    WEIGHTS.mkdir(exist_ok=True)
-    exported = export_for_transfer(
-        args.pretrained, WEIGHTS / WEIGHTS_FILE, SHIPPED_GROUPS, {"licence": "CC BY-SA 4.0"}
-    )
+def score_cases(exported: Path, cases: int, slices: list[int]) -> list[dict]:
     rows = []
-    for case in held_out_cases()[: args.cases]:
-        for k in args.slices:
+    for case in held_out_cases()[:cases]:
+        for k in slices:
             random_dice, copied, _ = score(case, k, None, seed=0)
             default_dice, _, _ = score(case, k, exported, seed=0)
             rows.append(
                 {"case": case, "k": k, "random": random_dice, "default": default_dice, "copy": copied}
             )
             print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pretrained", type=Path, help="the `kaf pretrain` checkpoint to export")
+    source.add_argument(
+        "--refit",
+        action="store_true",
+        help="rewrite the shipped weights for the interactive preset's current layout and score them "
+        "(the card's remarks are then updated by hand)",
+    )
+    parser.add_argument("--command", help="the exact pretraining command, for the card")
+    parser.add_argument("--steps-done", type=int)
+    parser.add_argument("--slices", type=int, nargs="+", default=[2])
+    parser.add_argument("--cases", type=int, default=HELD_OUT, help="score the first N held-out cases")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    print(f"# {machine()}", flush=True)
+    if args.refit:
+        shipped, layout = WEIGHTS / WEIGHTS_FILE, preset_config("interactive")
+        if load_checkpoint(shipped)[1].model_config() != layout:
+            refit_to_layout(shipped, shipped, layout)
+        score_cases(shipped, args.cases, args.slices)
+        return
+    if args.command is None or args.steps_done is None:
+        parser.error("--pretrained needs --command and --steps-done, for the card")
+    WEIGHTS.mkdir(exist_ok=True)
+    exported = export_for_transfer(
+        args.pretrained, WEIGHTS / WEIGHTS_FILE, SHIPPED_GROUPS, {"licence": "CC BY-SA 4.0"}
+    )
+    rows = score_cases(exported, args.cases, args.slices)
     (WEIGHTS / "MODEL_CARD.md").write_text(card(rows, args, exported))
     print((WEIGHTS / "MODEL_CARD.md").read_text())
 

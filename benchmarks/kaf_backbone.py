@@ -29,9 +29,9 @@ from scipy.stats import binomtest
 from speed import machine
 
 from kaf.app.workflow import load_initialisation
-from kaf.jobs.finetune import FinetuneSettings, Initialisation, transfer_groups
-from kaf.models import PRESETS, KafUNet, ModelConfig
-from kaf.models.checkpoints import CheckpointMetadata, in_groups
+from kaf.jobs.finetune import FinetuneSettings, Initialisation
+from kaf.models import PRESETS, ModelConfig
+from kaf.models.checkpoints import fit_to_layout
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 # The few-label benchmark's test patients (seed 0), so that no case here was used to choose a default.
@@ -87,17 +87,8 @@ VARIANTS: dict[str, Variant] = {
 
 
 def fitted_to(init: Initialisation, config: ModelConfig) -> Initialisation:
-    """Pretrained weights made to fit a variant's layout: the transferred tensors the variant's model also
-    has, with the same shape, are kept; the rest of those groups take the new model's initial values."""
-    fresh = KafUNet(config.with_classes(init.metadata.model_config().classes)).state_dict()
-    groups = transfer_groups(init.metadata)
-    state = {
-        name: init.state[name] if name in init.state and init.state[name].shape == tensor.shape else tensor
-        for name, tensor in fresh.items()
-        if in_groups(name, groups)
-    }
-    model = config.with_classes(init.metadata.model_config().classes).to_dict()
-    metadata = CheckpointMetadata(**{**vars(init.metadata), "model": model})
+    """Pretrained weights made to fit a variant's layout (kaf.models.checkpoints.fit_to_layout)."""
+    state, metadata = fit_to_layout(init.state, init.metadata, config)
     return Initialisation(state, metadata, f"{init.source} (fitted to the variant)")
 
 

@@ -208,6 +208,10 @@ class KAFSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         explanation = self.logic.explanation
         if explanation is not None:
             self.ui.keypointSpinBox.maximum = max(len(explanation.keypoints) - 1, 0)
+            if explanation.levels:  # a level the model has no KAF layer at would show nothing
+                self._parameterNode.attentionLevel = explanation.level_nearest(
+                    self._parameterNode.attentionLevel
+                )
 
     def onAnnotationChanged(self, node):
         if self._parameterNode:

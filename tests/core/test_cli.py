@@ -81,7 +81,7 @@ def test_finetune_predict_explain_write_their_outputs(trained, tmp_path, capsys)
         == 0
     )
     assert (out / "attention.png").stat().st_size > 10_000
-    assert nib.load(out / "attention_level1.nii.gz").shape == (64, 48, 1, 4)
+    assert nib.load(out / "attention_level3.nii.gz").shape == (64, 48, 1, 4)  # KAF at levels 3-4
     header, first = (out / "keypoints.csv").read_text().splitlines()[:2]
     assert header == "index,row,col,score" and first.startswith("0,")
 

@@ -16,7 +16,7 @@ from kaf.jobs.finetune import FinetuneSettings, build_model, finetune
 from kaf.jobs.pretrain import PretrainSettings, pretrain, read_resume_point
 from kaf.models import KafUNet, preset_config
 from kaf.models.checkpoints import load_checkpoint
-from kaf.models.default_weights import export_for_transfer, shipped_checkpoint
+from kaf.models.default_weights import export_for_transfer, refit_to_layout, shipped_checkpoint
 from kaf.runtime.errors import CheckpointError
 from kaf.ssl.data import volumes_from_arrays
 
@@ -81,3 +81,16 @@ def test_export_keeps_only_the_transferred_groups_in_float16(tmp_path):
     assert exported.stat().st_size < pretrained.stat().st_size / 2
     with pytest.raises(CheckpointError, match="not a pretraining checkpoint"):
         read_resume_point(exported, "kaf", config)
+
+
+def test_shipped_weights_record_their_refit_and_a_second_refit_is_refused(tmp_path):
+    _, metadata = load_checkpoint(shipped_checkpoint())
+    record = metadata.extra["refitted"]
+    assert record["pretrained_model"]["kaf_levels"] == [1, 2, 3, 4]
+    assert record["added"] == ["encoder.2.kaf.gate", "encoder.3.kaf.gate"]
+    assert record["dropped"] and all(
+        name.startswith(("encoder.0.kaf.", "encoder.1.kaf.")) for name in record["dropped"]
+    )
+    with pytest.raises(CheckpointError, match="nothing to refit"):
+        refit_to_layout(shipped_checkpoint(), tmp_path / "again.safetensors", preset_config("interactive"))
+    assert not (tmp_path / "again.safetensors").exists()

@@ -119,24 +119,25 @@ def test_explain_gives_keypoints_and_attention_maps_on_the_slice(prepared_and_an
     model = drive(finetune(prepared, annotation, QUICK)).model
     explanation = drive(explain(model, prepared, 4, "cpu"))
     count = len(explanation.keypoints)
-    assert explanation.levels == [1, 2, 3, 4] and explanation.heads == 4
+    assert explanation.levels == list(model.config.kaf_levels) and explanation.heads == 4
     assert all(w.shape == (4, count, count) for w in explanation.attention.values())
-    assert np.allclose(explanation.attention[1].sum(-1), 1, atol=1e-4)
+    assert all(np.allclose(w.sum(-1), 1, atol=1e-4) for w in explanation.attention.values())
     rows, cols = explanation.keypoints.T
     assert rows.min() >= -0.5 and rows.max() <= 47.5 and cols.max() <= 63.5
-    attention = explanation.attention_map(2, 1, 0)
+    level = explanation.levels[0]
+    attention = explanation.attention_map(level, 1, 0)
     assert (
         attention.shape == labels.shape[1:] and attention.max() == pytest.approx(1) and attention.min() >= 0
     )
     # With all of a row's attention on one keypoint, its blob must peak at that keypoint's slice position
     # (learned rows can peak between clustered keypoints, whose blobs add up).
-    target = int(explanation.attention[2][1, 0].argmax())
-    explanation.attention[2][1, 0] = np.eye(count, dtype=explanation.attention[2].dtype)[target]
-    focused = explanation.attention_map(2, 1, 0)
+    target = int(explanation.attention[level][1, 0].argmax())
+    explanation.attention[level][1, 0] = np.eye(count, dtype=explanation.attention[level].dtype)[target]
+    focused = explanation.attention_map(level, 1, 0)
     peak = np.unravel_index(focused.argmax(), focused.shape)
     assert np.hypot(*(np.array(peak) - explanation.keypoints[target])) < 4
     with pytest.raises(InputDataError, match="head"):
-        explanation.attention_map(1, 9, 0)
+        explanation.attention_map(level, 9, 0)
 
 
 def test_keeping_the_largest_component_removes_islands_of_each_class():

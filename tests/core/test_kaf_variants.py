@@ -8,6 +8,7 @@ import torch
 from kaf.data.augment import AugmentationSettings, augment_batch, drop_keypoints
 from kaf.jobs.finetune import FinetuneSettings, parameter_groups_by_rate
 from kaf.models import KafUNet, preset_config
+from kaf.models.checkpoints import CheckpointMetadata, fit_to_layout, load_weights
 from kaf.models.kaf_layer import normalise_positions
 from kaf.runtime.errors import InputDataError
 
@@ -24,7 +25,8 @@ def test_gated_fusion_starting_at_zero_computes_the_unet_c2() -> None:
     assert torch.equal(gated(image, keypoints, mask).logits, plain(image).logits)
     gated.train()
     gated(image, keypoints, mask).logits.sum().backward()
-    gates = [level.kaf.gate for level in gated.encoder]
+    gates = [level.kaf.gate for level in gated.encoder if level.kaf is not None]
+    assert len(gates) == len(config.kaf_levels)
     assert all(gate.grad is not None and gate.grad.abs().sum() > 0 for gate in gates)
 
 
@@ -62,3 +64,34 @@ def test_kaf_learning_rate_scale_puts_exactly_the_kaf_layers_in_a_scaled_group()
 def test_kaf_learning_rate_scale_must_be_positive() -> None:
     with pytest.raises(InputDataError, match="learning-rate scale"):
         FinetuneSettings(kaf_learning_rate_scale=0.0)
+
+
+def test_weights_fitted_to_another_layout_keep_shared_tensors_and_start_new_gates_at_zero() -> None:
+    config = preset_config("interactive", classes=3)
+    pretrained = KafUNet(config)
+    state = {name: t.half() for name, t in pretrained.state_dict().items() if t.is_floating_point()}
+    state |= {name: t for name, t in pretrained.state_dict().items() if not t.is_floating_point()}
+    metadata = CheckpointMetadata(
+        preset="interactive",
+        model=config.to_dict(),
+        method="kaf",
+        label_names=["background", "a", "b"],
+        normalization=None,
+        keypoints={},
+        extra={"transfer": ["encoder", "bottleneck"]},
+    )
+    layout = replace(config, kaf_levels=(3, 4), fusion_starts_at_zero=True)
+
+    fitted, fitted_metadata = fit_to_layout(state, metadata, layout)
+
+    assert fitted_metadata.model_config() == layout
+    target = KafUNet(layout)
+    report = load_weights(target, fitted, ["encoder", "bottleneck"])
+    assert not [name for name in report.skipped if name.startswith(("encoder", "bottleneck"))]
+    for name, tensor in fitted.items():
+        if name in state:
+            assert tensor is state[name], name
+        else:
+            assert name.endswith(".gate") and tensor.dtype == torch.float16 and not tensor.any(), name
+    assert not any(name.startswith(("encoder.0.kaf", "encoder.1.kaf")) for name in fitted)
+    assert not any(name.startswith("decoder") for name in fitted)

@@ -1,5 +1,7 @@
 """KAF UNet: parameter counts, shapes, gradients and the attention's defining properties."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -34,7 +36,16 @@ def test_paper_presets_reproduce_published_parameter_counts(preset, clean, encod
 
 
 def test_interactive_preset_and_baseline_unets_have_the_specified_sizes():
-    assert count_parameters(KafUNet(preset_config("interactive", classes=3))) == 7_860_256
+    interactive = preset_config("interactive", classes=3)
+    every_level = KafUNet(replace(interactive, kaf_levels=(1, 2, 3, 4), fusion_starts_at_zero=False))
+    assert count_parameters(every_level) == 7_860_256
+    fine_levels = sum(
+        p.numel()
+        for name, p in every_level.named_parameters()
+        if name.startswith(("encoder.0.kaf", "encoder.1.kaf"))
+    )
+    gates = 64 + 128  # one per channel of levels 3 and 4
+    assert count_parameters(KafUNet(interactive)) == 7_860_256 - fine_levels + gates == 7_466_864
     chd = preset_config("paper-chd")
     assert count_parameters(KafUNet(chd.plain_unet())) == 7_763_584  # UNet(c1)
     assert count_parameters(KafUNet(chd.without_kaf())) == 27_911_328  # UNet(c2)
@@ -53,7 +64,7 @@ def test_each_preset_maps_a_slice_to_logits_of_the_same_size(preset):
         out = model(torch.randn(2, 1, 64, 48)[..., :48], keypoints.clamp(max=47), mask, return_attention=True)
     assert out.logits.shape == (2, 3, 64, 48) and out.logits.dtype == torch.float32
     assert out.bottleneck.shape == (2, 32 * config.base_width, 4, 3)
-    assert sorted(out.tokens) == [1, 2, 3, 4]
+    assert sorted(out.tokens) == list(config.kaf_levels)
     assert all(t.shape == (2, config.token_dim, 20) for t in out.tokens.values())
     assert all(a.shape == (2, config.attention_heads, 20, 20) for a in out.attention.values())
 
@@ -61,6 +72,10 @@ def test_each_preset_maps_a_slice_to_logits_of_the_same_size(preset):
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
     model = KafUNet(preset_config("interactive", classes=3))
+    with torch.no_grad():  # a gate at 0 passes no gradient behind it before its first update
+        for level in model.encoder:
+            if level.kaf is not None:
+                level.kaf.gate.fill_(0.1)
     keypoints, mask = random_keypoints(2, 24, 32, valid=20)
     out = model(torch.randn(2, 1, 32, 32), keypoints, mask)
     torch.nn.functional.cross_entropy(out.logits, torch.randint(0, 3, (2, 32, 32))).backward()

@@ -72,9 +72,9 @@ def test_finetune_predict_explain_and_attention_fill_the_session(session):
     assert explanation.slice_index == 5 and explained_on is image
     assert controller.explanation is explanation and controller.explained_image is image
 
-    controller.request_attention(1, 0, 2)
+    controller.request_attention(3, 0, 2)
     [(attention,)] = heard.calls["attention_ready"]
-    assert (attention.level, attention.head, attention.keypoint) == (1, 0, 2)
+    assert (attention.level, attention.head, attention.keypoint) == (3, 0, 2)
     assert attention.weights.shape == volume.shape[1:] and attention.weights.max() == pytest.approx(1.0)
 
 
@@ -169,7 +169,7 @@ def test_a_newer_attention_request_replaces_a_pending_one():
     controller = KafController(runner)
     controller.explanation = object()
     controller.request_attention(1, 0, 1)
-    controller.request_attention(1, 0, 2)
+    controller.request_attention(3, 0, 2)
     controller.request_attention(2, 1, 3)
     assert len(runner.jobs) == 1
     runner.jobs[0][1].finished()

@@ -355,10 +355,10 @@ def test_whole_loop_by_clicks(painted, user, qtbot, tmp_path, monkeypatch, notif
     before = attention.data[index].copy()
     user.type_value(widget.head_spin, 3)
     qtbot.waitUntil(lambda: attention.metadata["head"] == 3, timeout=60_000)
-    user.choose(widget.level_combo, "level 2")
-    qtbot.waitUntil(lambda: attention.metadata["level"] == 2, timeout=60_000)
+    user.choose(widget.level_combo, "level 4")
+    qtbot.waitUntil(lambda: attention.metadata["level"] == 4, timeout=60_000)
     assert viewer.layers[ATTENTION] is attention and not np.allclose(attention.data[index], before)
-    assert (points.features["level"] == 2).all() and (points.features["head"] == 3).all()
+    assert (points.features["level"] == 4).all() and (points.features["head"] == 3).all()
 
     # Save the segmentation through the writer and the model; both read back.
     target = tmp_path / "segmentation.nii.gz"

@@ -16,6 +16,7 @@ import pytest
 from kafsegment_testing import NAMES, add_volume, oblique_affine, two_class_labels
 
 from kaf.data.volume_io import read_volume, write_class_maps, write_volume
+from kaf.models import preset_config
 
 pytestmark = pytest.mark.slicer_core
 
@@ -297,6 +298,7 @@ def test_explain_places_keypoints_and_switches_attention_maps_without_rerunning(
     assert node.GetName() == "KAF attention (keypoint 1, level 1, head 0)"
     with pytest.raises(KafSegmentError, match="levels with attention: 1, 2"):
         logic.show_attention(level=3, head=0)
+    assert [logic.explanation.level_nearest(level) for level in (1, 2, 3, 4)] == [1, 2, 2, 2]
     with pytest.raises(KafSegmentError, match="heads 0 to 3"):
         logic.show_attention(level=1, head=4)
     assert len(runners) == 1
@@ -638,7 +640,9 @@ def test_finetune_predict_explain_with_the_real_cli(mrml_scene, shared_data, tmp
     np.testing.assert_allclose(ijk[:, 2], middle, atol=1e-6)  # every keypoint lies on the explained slice
     np.testing.assert_allclose(ijk[:, :2], [[k.col, k.row] for k in keypoints], atol=1e-6)
 
-    attention = logic.show_attention(level=1, head=0)
+    level = logic.explanation.level_nearest(1)  # what the module shows when level 1 carries no KAF
+    assert level == min(preset_config("interactive").kaf_levels)
+    attention = logic.show_attention(level=level, head=0)
     values = slicer.util.arrayFromVolume(attention)
     assert values.shape == (1, *image.array.shape[1:]) and values.max() == pytest.approx(1.0)
     expected_origin = (affine @ [0, 0, middle, 1])[:3]

@@ -339,6 +339,27 @@ def model_with_weights(
     return model
 
 
+def fit_to_layout(
+    state: Mapping[str, torch.Tensor], metadata: CheckpointMetadata, config: ModelConfig
+) -> tuple[dict[str, torch.Tensor], CheckpointMetadata]:
+    """Pretrained weights made to fit another layout of the same backbone (other KAF levels, a gate):
+    of the groups the checkpoint transfers, the tensors the new model also has with the same shape are
+    kept, and the rest take the new model's initial values (a KAF gate starts at 0). The metadata then
+    describes the new layout, with the checkpoint's own number of classes."""
+    config = config.with_classes(metadata.model_config().classes)
+    groups = metadata.extra.get("transfer") or [_group(name) for name in state]
+    stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    fitted = {}
+    for name, tensor in KafUNet(config).state_dict().items():
+        if not in_groups(name, groups):
+            continue
+        if name in state and state[name].shape == tensor.shape:
+            fitted[name] = state[name]
+        else:  # stored as the checkpoint stores its weights (float16 for the shipped ones)
+            fitted[name] = tensor.to(stored) if tensor.is_floating_point() else tensor
+    return fitted, CheckpointMetadata(**{**vars(metadata), "model": config.to_dict()})
+
+
 # --- putting weights into a model --------------------------------------------------------------------------
 
 

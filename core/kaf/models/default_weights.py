@@ -12,7 +12,14 @@ from pathlib import Path
 
 import torch
 
-from kaf.models.checkpoints import CheckpointMetadata, in_groups, load_checkpoint, save_checkpoint
+from kaf.models.checkpoints import (
+    CheckpointMetadata,
+    fit_to_layout,
+    in_groups,
+    load_checkpoint,
+    save_checkpoint,
+)
+from kaf.models.config import ModelConfig
 from kaf.runtime.errors import CheckpointError
 
 DEFAULT_KEYWORD = "default"
@@ -67,3 +74,19 @@ def export_for_transfer(
     }
     exported = CheckpointMetadata(**{**vars(metadata), "extra": summary})
     return save_checkpoint(destination, kept, exported)
+
+
+def refit_to_layout(source: str | Path, destination: str | Path, config: ModelConfig) -> Path:
+    """Rewrite an exported checkpoint for another layout of its backbone (fit_to_layout), recording the
+    layout it was pretrained with and which tensors were dropped or added."""
+    state, metadata = load_checkpoint(source)
+    if metadata.model_config() == config.with_classes(metadata.model_config().classes):
+        raise CheckpointError(f"{source} already has the layout asked for: there is nothing to refit")
+    fitted, refitted = fit_to_layout(state, metadata, config)
+    record = {
+        "pretrained_model": metadata.model,
+        "dropped": sorted(set(state) - set(fitted)),
+        "added": sorted(set(fitted) - set(state)),
+    }
+    refitted = CheckpointMetadata(**{**vars(refitted), "extra": {**metadata.extra, "refitted": record}})
+    return save_checkpoint(destination, fitted, refitted)

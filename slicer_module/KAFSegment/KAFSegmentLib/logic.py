@@ -84,6 +84,14 @@ class Explanation:
     def attention_file(self, level: int) -> Path | None:
         return self.levels.get(level)
 
+    def level_nearest(self, level: int) -> int:
+        """`level` where it has an attention map, else the nearest level that has one (the finer on a tie):
+        the interactive preset carries KAF on levels 3-4 only, the paper presets on 1-4."""
+        levels = sorted(self.levels)
+        if not levels:
+            raise KafSegmentError("This explanation holds no attention map.")
+        return min(levels, key=lambda candidate: (abs(candidate - level), candidate))
+
     @property
     def levels(self) -> dict[int, Path]:
         """The attention files by level: attention_level{n}.nii.gz."""
