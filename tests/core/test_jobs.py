@@ -11,8 +11,10 @@ from kaf.data.preparation import PreparedVolume
 from kaf.jobs.events import CancelToken, drive
 from kaf.jobs.explain import explain
 from kaf.jobs.finetune import FinetuneSettings, cosine_learning_rate, finetune
-from kaf.jobs.predict import keep_largest_components, predict
-from kaf.runtime.errors import InputDataError, JobCancelled
+from kaf.jobs.predict import keep_largest_components, predict, probability_volume_bytes
+from kaf.models import KafUNet, preset_config
+from kaf.runtime import devices
+from kaf.runtime.errors import DeviceError, InputDataError, JobCancelled
 from tests.conftest import synthetic_volume
 
 QUICK = FinetuneSettings(steps=3, batch_size=2, crop_size=32, device="cpu")
@@ -148,3 +150,21 @@ def test_keeping_the_largest_component_removes_islands_of_each_class():
     cleaned = keep_largest_components(labels, 3)
     assert cleaned[0, 8, 8] == 0 and (cleaned[1:3, 1:5, 1:5] == 1).all()
     assert (cleaned == 2).sum() == 4
+
+
+def test_a_prediction_larger_than_free_memory_is_refused_before_its_first_slice(
+    prepared_and_annotation, monkeypatch
+):
+    prepared, annotation, _ = prepared_and_annotation
+    model = KafUNet(preset_config("interactive", classes=annotation.classes))
+    needed = probability_volume_bytes(
+        model.config.classes, prepared.slice_count, *prepared.layout.slice_shape
+    )
+    monkeypatch.setattr(devices, "free_memory_bytes", lambda device: needed)  # 90 % of it can be used
+    events = []
+    with pytest.raises(DeviceError, match=f"class probabilities of {prepared.slice_count} slices"):
+        drive(predict(model, prepared, "cpu"), events.append)
+    assert events == []
+
+    monkeypatch.setattr(devices, "free_memory_bytes", lambda device: 2 * needed)
+    assert drive(predict(model, prepared, "cpu")).labels.shape[1:] == prepared.layout.slice_shape

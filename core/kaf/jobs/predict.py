@@ -16,6 +16,7 @@ from kaf.models import KafUNet
 from kaf.runtime.devices import (
     autocast,
     autocast_dtype,
+    check_memory,
     is_out_of_memory,
     out_of_memory_error,
     resolve_device,
@@ -89,6 +90,12 @@ def keep_largest_components(labels: np.ndarray, classes: int) -> np.ndarray:
     return keep(torch.from_numpy(labels[None].astype(np.int64)))[0].numpy().astype(labels.dtype)
 
 
+def probability_volume_bytes(classes: int, slices: int, height: int, width: int) -> int:
+    """Host memory that a whole volume's prediction holds at its peak: the float32 probabilities of every
+    class, and one working copy of them (put back on the image's axes, or clipped for the uncertainty)."""
+    return 2 * 4 * classes * slices * height * width
+
+
 def default_inference_batch(device: torch.device) -> int:
     return CPU_INFERENCE_BATCH if device.type == "cpu" else ACCELERATOR_INFERENCE_BATCH
 
@@ -110,9 +117,14 @@ def predict(
     if batch_size < 1:
         raise InputDataError(f"the prediction batch size must be at least 1, got {batch_size}")
     clock = StageClock()
-    model.to(device).eval()
     total = prepared.slice_count
     height, width = prepared.layout.slice_shape
+    check_memory(
+        torch.device("cpu"),
+        probability_volume_bytes(model.config.classes, total, height, width),
+        f"the class probabilities of {total} slices of {height} x {width} for {model.config.classes} classes",
+    )
+    model.to(device).eval()
     probabilities = np.empty((model.config.classes, total, height, width), dtype=np.float32)
     for start in range(0, total, batch_size):
         cancel.raise_if_cancelled("prediction")
