@@ -14,6 +14,7 @@ from kaf.data.keypoints import KeypointConfig
 from kaf.data.volume_io import read_volume
 from kaf.models import KafUNet, preset_config
 from kaf.models.checkpoints import CheckpointMetadata, save_checkpoint
+from kaf.runtime import validation
 from napari_kaf._layers import KEYPOINT_DIMMED_OPACITY, KEYPOINT_OPACITY
 from napari_kaf._marshal import ANNOTATION, ATTENTION, KEYPOINTS, PREDICTION, UNCERTAINTY, layer_kwargs
 from napari_kaf._panel import NEW_ANNOTATION
@@ -508,3 +509,19 @@ def test_full_labelling_is_every_slice_painted():
     labels[4] = 0
     assert not is_full_labelling(labels, 0)
     assert not is_full_labelling(np.ones((2, 8, 8), np.uint8), 0)  # two slices: a few, not a labelling
+
+
+def test_every_setting_spin_box_allows_only_values_the_core_accepts(make_widget):
+    """The panel's ranges are practical limits inside the core's validation bounds, so a value typed in
+    the panel is never refused later by the job it starts."""
+    widget = make_widget()
+    limits = {
+        widget.steps_spin: validation.STEPS,
+        widget.batch_spin: validation.BATCH_SIZE,
+        widget.crop_spin: validation.TRAINING_SIDE,
+        widget.time_budget_spin: validation.TIME_BUDGET,
+        widget.adapt_spin: validation.TIME_BUDGET,
+    }
+    for spin, bounds in limits.items():
+        for value in (spin.minimum(), spin.maximum()):
+            assert bounds.check(value, spin.objectName() or "a spin box") == value
