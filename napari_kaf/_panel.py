@@ -227,7 +227,8 @@ class KafPanel(QWidget):
         )
         form.addRow(self.all_slices_check)
         self.level_combo = QComboBox()
-        for level in (1, 2, 3, 4):
+        # The default preset's KAF levels until an explanation offers its own model's.
+        for level in PRESETS["interactive"].config.kaf_levels:
             self.level_combo.addItem(f"level {level}", level)
         form.addRow("Attention level", self.level_combo)
         self.head_spin = _spin(0, 3)
