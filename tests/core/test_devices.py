@@ -233,7 +233,7 @@ def test_format_bytes_uses_megabytes_below_a_gigabyte() -> None:
 def test_cpu_warning_only_on_the_cpu() -> None:
     warning = cpu_warning(CPU)
     # A measured figure (BENCHMARKS.md's interactive loop), and where the job's own estimate comes from.
-    assert warning.startswith("Running on the CPU") and "82 s" in warning and "step times" in warning
+    assert warning.startswith("Running on the CPU") and "79 s" in warning and "step times" in warning
     assert "about a minute" not in warning
     assert cpu_warning(CUDA) is None
     assert cpu_warning(torch.device("mps")) is None

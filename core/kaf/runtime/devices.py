@@ -21,7 +21,7 @@ UNKNOWN_FREE_BYTES = 2**62
 # Figures from BENCHMARKS.md ("Speed against the goals"); a job's own estimate comes from its step times.
 CPU_WARNING = (
     "Running on the CPU: on a 2-core CPU the 'interactive' preset fine-tuned 150 steps on two slices and "
-    "segmented the volume in 82 s; a CUDA GPU is faster. The time left is estimated from this machine's "
+    "segmented the volume in 79 s; a CUDA GPU is faster. The time left is estimated from this machine's "
     "step times as a job runs."
 )
 OUT_OF_MEMORY_MESSAGES = ("out of memory", "DefaultCPUAllocator: can't allocate memory")
