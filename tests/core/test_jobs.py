@@ -13,6 +13,7 @@ from kaf.jobs.explain import explain
 from kaf.jobs.finetune import FinetuneSettings, cosine_learning_rate, finetune
 from kaf.jobs.predict import keep_largest_components, predict, probability_volume_bytes
 from kaf.models import KafUNet, preset_config
+from kaf.models.memory_estimate import inference_batch_bytes
 from kaf.runtime import devices
 from kaf.runtime.errors import DeviceError, InputDataError, JobCancelled
 from tests.conftest import synthetic_volume
@@ -159,7 +160,7 @@ def test_a_prediction_larger_than_free_memory_is_refused_before_its_first_slice(
     model = KafUNet(preset_config("interactive", classes=annotation.classes))
     needed = probability_volume_bytes(
         model.config.classes, prepared.slice_count, *prepared.layout.slice_shape
-    )
+    ) + inference_batch_bytes(model.config, 1, *prepared.layout.padded_shape)
     monkeypatch.setattr(devices, "free_memory_bytes", lambda device: needed)  # 90 % of it can be used
     events = []
     with pytest.raises(DeviceError, match=f"class probabilities of {prepared.slice_count} slices"):

@@ -1,4 +1,5 @@
-"""Training memory is estimated before allocation, and requests that cannot fit are refused up front."""
+"""Training and prediction memory is estimated before allocation, and requests that cannot fit are refused
+up front."""
 
 from __future__ import annotations
 
@@ -10,24 +11,29 @@ import pytest
 from volume_factory import save_nifti, synthetic_volume
 
 from kaf.app.cli import main
-from kaf.models import preset_config
-from kaf.models.memory_estimate import training_step_bytes
+from kaf.models import ModelConfig, preset_config
+from kaf.models.checkpoints import load_checkpoint
+from kaf.models.memory_estimate import inference_batch_bytes, training_step_bytes
+from kaf.runtime import devices
 from kaf.runtime.host_memory import available_ram_bytes
+from tests.conftest import random_checkpoint
 
-# Two Adam steps of the interactive preset in a fresh process; prints its peak RSS rise in bytes. (Not
-# ru_maxrss: it would carry over the RSS of pytest, which forks the process.)
-MEASURE_STEP = """
+# The interactive preset on BATCH slices of 128^2 in a fresh process, twice; prints its peak RSS rise in
+# bytes. (Not ru_maxrss: it would carry over the RSS of pytest, which forks the process.)
+SETUP = """
 import torch
 from kaf.runtime.host_memory import peak_resident_bytes, resident_bytes
 from kaf.models import KafUNet, preset_config
 
 torch.set_num_threads(1)
 config = preset_config("interactive")
-images = torch.randn(4, 1, 128, 128)
-keypoints = torch.randint(0, 128, (4, config.max_keypoints, 2))
-mask = torch.ones(4, config.max_keypoints, dtype=torch.bool)
+images = torch.randn(BATCH, 1, 128, 128)
+keypoints = torch.randint(0, 128, (BATCH, config.max_keypoints, 2))
+mask = torch.ones(BATCH, config.max_keypoints, dtype=torch.bool)
 before = resident_bytes()
 model = KafUNet(config)
+"""
+TRAINING_STEPS = """
 optimiser = torch.optim.Adam(model.parameters())
 for _ in range(2):
     loss = model(images, keypoints, mask).logits.square().mean()
@@ -36,18 +42,45 @@ for _ in range(2):
     optimiser.step()
 print(peak_resident_bytes() - before)
 """
+# Forward passes without gradients, as `kaf predict --batch-size BATCH` runs them.
+PREDICTIONS = """
+model.eval()
+with torch.no_grad():
+    for _ in range(2):
+        probabilities = model(images, keypoints, mask).logits.softmax(1)
+        del probabilities
+print(peak_resident_bytes() - before)
+"""
+
+
+def measured_rise(batch: int, work: str) -> int:
+    script = (SETUP + work).replace("BATCH", str(batch))
+    run = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
+    return int(run.stdout)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
 def test_estimate_is_close_to_the_measured_peak_of_a_training_step():
-    measured = int(
-        subprocess.run(
-            [sys.executable, "-c", MEASURE_STEP], check=True, capture_output=True, text=True
-        ).stdout
-    )
+    measured = measured_rise(4, TRAINING_STEPS)
     estimate = training_step_bytes(preset_config("interactive"), 4, 128, 128)
 
     assert 0.75 <= measured / estimate <= 1.25, (measured, estimate)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
+def test_prediction_estimate_is_close_to_the_measured_peak_of_a_forward_pass():
+    measured = measured_rise(16, PREDICTIONS)
+    estimate = inference_batch_bytes(preset_config("interactive"), 16, 128, 128)
+
+    assert 0.75 <= measured / estimate <= 1.1, (measured, estimate)  # on the refusing side, not far
+
+
+def test_prediction_estimate_grows_with_the_batch_and_stays_below_training():
+    config = preset_config("interactive")
+    one, eight = (inference_batch_bytes(config, batch, 128, 128) for batch in (1, 8))
+
+    assert eight > one
+    assert eight < training_step_bytes(config, 8, 128, 128)  # no activations kept for a backward pass
 
 
 def test_estimate_grows_linearly_with_the_batch():
@@ -96,3 +129,23 @@ def test_pretraining_with_a_batch_larger_than_memory_is_refused_before_allocatio
 
     assert "Not enough memory on cpu for pretraining on 200000 views of 32 x 32 per step" in message
     assert not out.exists()
+
+
+def test_predict_with_a_batch_larger_than_free_memory_is_refused_before_allocation(
+    scan, tmp_path, capsys, monkeypatch
+):
+    image, _ = scan  # 8 slices of 48 x 64, padded to 48 x 64 for the model
+    checkpoint = random_checkpoint(tmp_path / "model.safetensors", "finetune")
+    out = tmp_path / "segmentation.nii.gz"
+    argv = ["predict", "--image", str(image), "--checkpoint", str(checkpoint), "--out", str(out)]
+    config = ModelConfig.from_dict(load_checkpoint(checkpoint)[1].model)
+    one, eight = (inference_batch_bytes(config, batch, 48, 64) for batch in (1, 8))
+    free = (one + eight) / 2 / devices.MEMORY_MARGIN  # enough for one slice per pass, not for eight
+    monkeypatch.setattr(devices, "free_memory_bytes", lambda device: int(free))
+
+    message = refused_quickly([*argv, "--batch-size", "8", "--device", "cpu"], capsys)
+
+    assert "Not enough memory on cpu for the class probabilities of 8 slices" in message
+    assert "a forward pass on 8 slices of 48 x 64" in message and not out.exists()
+    assert main([*argv, "--batch-size", "1", "--device", "cpu", "--progress", "none"]) == 0
+    assert out.exists()

@@ -10,9 +10,10 @@ import torch
 from monai.transforms import KeepLargestConnectedComponent
 
 from kaf.data.preparation import PreparedVolume
-from kaf.data.slices import put_slices
+from kaf.data.slices import SliceLayout, put_slices
 from kaf.jobs.events import CancelToken, Job, StageClock
-from kaf.models import KafUNet
+from kaf.models import KafUNet, ModelConfig
+from kaf.models.memory_estimate import inference_batch_bytes
 from kaf.runtime.devices import (
     autocast,
     autocast_dtype,
@@ -96,6 +97,25 @@ def probability_volume_bytes(classes: int, slices: int, height: int, width: int)
     return 2 * 4 * classes * slices * height * width
 
 
+def _check_prediction_memory(
+    config: ModelConfig, device: torch.device, batch_size: int, total: int, layout: SliceLayout
+) -> None:
+    """Refuse a volume or a batch that would not fit before allocating: the probabilities stay on the host,
+    the forward pass runs on `device` (the host too on the CPU, where both add up)."""
+    height, width = layout.slice_shape
+    classes = config.classes
+    probabilities = probability_volume_bytes(classes, total, height, width)
+    held = f"the class probabilities of {total} slices of {height} x {width} for {classes} classes"
+    slices = min(batch_size, total)
+    forward = inference_batch_bytes(config, slices, *layout.padded_shape)
+    batch = f"a forward pass on {slices} slices of {' x '.join(map(str, layout.padded_shape))}"
+    if device.type == "cpu":
+        check_memory(device, probabilities + forward, f"{held} and {batch}")
+        return
+    check_memory(torch.device("cpu"), probabilities, held)
+    check_memory(device, forward, batch)
+
+
 def default_inference_batch(device: torch.device) -> int:
     return CPU_INFERENCE_BATCH if device.type == "cpu" else ACCELERATOR_INFERENCE_BATCH
 
@@ -118,14 +138,9 @@ def predict(
         raise InputDataError(f"the prediction batch size must be at least 1, got {batch_size}")
     clock = StageClock()
     total = prepared.slice_count
-    height, width = prepared.layout.slice_shape
-    check_memory(
-        torch.device("cpu"),
-        probability_volume_bytes(model.config.classes, total, height, width),
-        f"the class probabilities of {total} slices of {height} x {width} for {model.config.classes} classes",
-    )
+    _check_prediction_memory(model.config, device, batch_size, total, prepared.layout)
     model.to(device).eval()
-    probabilities = np.empty((model.config.classes, total, height, width), dtype=np.float32)
+    probabilities = np.empty((model.config.classes, total, *prepared.layout.slice_shape), dtype=np.float32)
     for start in range(0, total, batch_size):
         cancel.raise_if_cancelled("prediction")
         indices = list(range(start, min(start + batch_size, total)))

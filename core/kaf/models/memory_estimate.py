@@ -1,14 +1,21 @@
-"""The memory a training step will need, estimated before anything is allocated.
+"""The memory a training step or a prediction batch will need, estimated before anything is allocated.
 
 Autograd keeps tensors from the forward pass for the backward pass; on the CPU and the GPU they are most
 of a step's peak. Tracing the model's forward on PyTorch's "meta" device (shapes only: no memory, no
 arithmetic, a fraction of a second) lists exactly those tensors for any preset, batch and slice size.
+Without autograd (prediction) a tensor is freed as soon as nothing refers to it, so the same trace
+follows which tensors are alive at each operation and takes the peak of their sum.
 """
 
 from __future__ import annotations
 
+import weakref
+from contextlib import AbstractContextManager
+
 import torch
 import torch.fx.experimental._config as fx_config
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from kaf.models import KafUNet, ModelConfig
 
@@ -37,18 +44,45 @@ def training_step_bytes(config: ModelConfig, images: int, height: int, width: in
     return int(activations) + PARAMETER_COPIES * weights + RUNTIME_OVERHEAD_BYTES
 
 
-def saved_activation_bytes(model: KafUNet, images: int, height: int, width: int) -> int:
-    """Bytes that autograd keeps from one forward of a model built on the meta device, every keypoint
-    slot valid (the most a batch can hold). Saved weights are the parameters themselves: not counted."""
+def inference_batch_bytes(config: ModelConfig, images: int, height: int, width: int) -> int:
+    """Peak memory of one forward pass without gradients on `images` slices of height x width: the most
+    bytes its tensors hold at once, with slack, plus the weights. Mixed precision halves the activations
+    on a GPU; this errs towards refusing."""
+    with torch.device("meta"):
+        model = KafUNet(config)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    with torch.no_grad(), _LiveTensorBytes() as live:
+        _trace_forward(model, images, height, width)
+    return int(live.peak * ACTIVATION_SLACK) + weights + RUNTIME_OVERHEAD_BYTES
+
+
+class _LiveTensorBytes(TorchDispatchMode, AbstractContextManager):
+    """Counts the bytes of the tensors operations create, minus those already freed, and keeps the peak.
+    Views and in-place results share their input's memory and are not counted again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        inputs = {id(tensor) for tensor in tree_leaves((args, kwargs)) if isinstance(tensor, torch.Tensor)}
+        for tensor in tree_leaves(output):
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in inputs and not tensor._is_view():
+                size = tensor.numel() * tensor.element_size()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(tensor, self._free, size)
+        return output
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+def _trace_forward(model: KafUNet, images: int, height: int, width: int) -> None:
+    """One forward of a meta-device model, every keypoint slot valid (the most a batch can hold)."""
     config = model.config
-    parameters = {id(p) for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def remember(tensor: torch.Tensor) -> torch.Tensor:
-        if id(tensor) not in parameters:
-            saved[id(tensor)] = tensor.numel() * tensor.element_size()
-        return tensor
-
     slots = config.max_keypoints
     inputs = (
         torch.empty(images, config.in_channels, height, width, device="meta"),
@@ -57,9 +91,21 @@ def saved_activation_bytes(model: KafUNet, images: int, height: int, width: int)
     )
     # Padded keypoints are dropped by boolean indexing, whose output size the meta device cannot know;
     # with every slot valid it is the whole input, which this setting tells the tracer to assume.
-    with (
-        fx_config.patch(meta_nonzero_assume_all_nonzero=True),
-        torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor),
-    ):
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
         model(*inputs)
+
+
+def saved_activation_bytes(model: KafUNet, images: int, height: int, width: int) -> int:
+    """Bytes that autograd keeps from one forward of a model built on the meta device, every keypoint
+    slot valid (the most a batch can hold). Saved weights are the parameters themselves: not counted."""
+    parameters = {id(p) for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def remember(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in parameters:
+            saved[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(remember, lambda tensor: tensor):
+        _trace_forward(model, images, height, width)
     return sum(saved.values())
