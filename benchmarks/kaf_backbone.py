@@ -67,6 +67,10 @@ def coarse_levels(config: ModelConfig) -> ModelConfig:
     return replace(config, kaf_levels=(3, 4))
 
 
+def product_layout(config: ModelConfig) -> ModelConfig:
+    return gated_fusion(coarse_levels(config))
+
+
 VARIANTS: dict[str, Variant] = {
     "unet-c1": (ModelConfig.plain_unet, same),
     "unet-c2": (ModelConfig.without_kaf, same),
@@ -78,11 +82,16 @@ VARIANTS: dict[str, Variant] = {
     "kaf-gate-dropout": (gated_fusion, keypoint_dropout),
     "kaf-levels-234": (lambda config: replace(config, kaf_levels=(2, 3, 4)), same),
     "kaf-levels-34": (coarse_levels, same),
-    "kaf-gate-levels-34": (lambda config: gated_fusion(coarse_levels(config)), same),
+    "kaf-gate-levels-34": (product_layout, same),
     "kaf-gate-lr-tenth": (gated_fusion, kaf_rate_tenth),
     "kaf-lr-tenth": (same, kaf_rate_tenth),
     "kaf-gate-levels-34-lr-tenth": (lambda config: gated_fusion(coarse_levels(config)), kaf_rate_tenth),
     "kaf-gate-level-4": (lambda config: gated_fusion(replace(config, kaf_levels=(4,))), same),
+    # The product's layout on slices scaled to a longer side of 192 or 256 px instead of 128; the training
+    # crops stay 128 px, so a step costs the same and only prediction grows.
+    "kaf-gate-levels-34-input-192": (lambda config: replace(product_layout(config), input_size=192), same),
+    "kaf-gate-levels-34-input-256": (lambda config: replace(product_layout(config), input_size=256), same),
+    "unet-c2-input-192": (lambda config: replace(config.without_kaf(), input_size=192), same),
 }
 
 

@@ -1,4 +1,5 @@
-"""Plot pretraining loss terms against steps from benchmarks/pretraining_terms.py --jsonl files.
+"""Plot pretraining loss terms against steps from benchmarks/pretraining_terms.py --jsonl files, or from
+the output of `kaf pretrain --progress jsonl` (one run per file, named after it).
 
 One panel per term, one line per run. The panels of KAF's SupCon terms (L_PCL, L_global) also show
 their chance value, (tau / tau_b) log(2B - 1), and their floor: the loss of a perfect embedding, which
@@ -61,9 +62,16 @@ def read_runs(paths: list[Path]) -> dict[str, dict[str, list[tuple[int, float]]]
     for path in paths:
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            for term, value in row["terms"].items():
-                runs[row["run"]][f"{row['stage']}: {term}"].append((row["step"], value))
+            for term, value in (row.get("terms") or {}).items():
+                runs[row.get("run", path.stem)][f"{row['stage']}: {term}"].append((row["step"], value))
     return runs
+
+
+def moving_mean(values: tuple[float, ...], window: int) -> np.ndarray:
+    """The mean of each value and the window - 1 before it (fewer at the start)."""
+    sums = np.cumsum(np.insert(np.asarray(values, dtype=float), 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (sums[1:] - sums[np.arange(1, len(values) + 1) - counts]) / counts
 
 
 def main() -> None:
@@ -77,6 +85,7 @@ def main() -> None:
         action="append",
         help="SupCon position threshold θ of a run, for its floor line (repeatable; default: the method's)",
     )
+    parser.add_argument("--smooth", type=int, default=1, help="plot the moving mean of N logged steps")
     parser.add_argument("--title", default="")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -97,7 +106,7 @@ def main() -> None:
         for name, run in runs.items():
             if term in run:
                 steps, values = zip(*run[term], strict=True)
-                axis.plot(steps, values, label=textwrap.fill(name, 45))
+                axis.plot(steps, moving_mean(values, args.smooth), label=textwrap.fill(name, 45))
         if term.endswith(SUPCON_TERMS):
             axis.axhline(chance, color="grey", linestyle="--", label=f"chance {chance:.2f}")
             for (threshold, floor), style in zip(floors.items(), cycle((":", "-.")), strict=False):
@@ -105,7 +114,7 @@ def main() -> None:
                     floor, color="black", linestyle=style, label=f"floor at θ = {threshold:g}: {floor:.2f}"
                 )
         axis.set_title(term)
-        axis.set_xlabel("step")
+        axis.set_xlabel("step" if args.smooth == 1 else f"step (moving mean of {args.smooth} logged steps)")
         axis.legend(fontsize=6, loc="lower left")
     figure.suptitle(args.title or f"{args.dataset}, batch {args.batch}")
     figure.tight_layout()
