@@ -119,7 +119,14 @@ class Row:
 
     @property
     def label(self) -> str:
-        names = {"kaf": "KAF", "gcl": "GCL", "pgl": "PGL", "dense": "dense hierarchical", "unet": "UNet"}
+        names = {
+            "kaf": "KAF",
+            "kaf-paper": "KAF (paper settings)",
+            "gcl": "GCL",
+            "pgl": "PGL",
+            "dense": "dense hierarchical",
+            "unet": "UNet",
+        }
         if self.method is None:
             return f"{names[self.backbone]}, random init"
         suffix = " pretraining" if self.method == self.backbone else ""

@@ -63,18 +63,18 @@ def test_checkpoint_holds_backbone_heads_optimiser_and_progress(tmp_path):
     assert metadata.data_fingerprint == _data().fingerprint()
     assert any(name.startswith("encoder.0.kaf.") for name in state)
     assert any(name.startswith("ssl_heads.matcher.") for name in state)
-    assert any(name.startswith("optimiser.") and name.endswith(".momentum_buffer") for name in state)
+    assert any(name.startswith("optimiser.") and name.endswith(".exp_avg") for name in state)  # Adam: ours
     assert set(result.last_terms) == {"L_PCL", "L_global", "L_local"}
 
 
 def test_optimiser_setting_replaces_the_methods_and_a_resume_keeps_it(tmp_path):
     out = tmp_path / "kaf.safetensors"
-    _run(_data(), _settings(optimiser="adam", steps=2), out)
+    _run(_data(), _settings(optimiser="sgd", steps=2), out)
     state, _ = load_checkpoint(out)
-    assert any(name.startswith("optimiser.") and name.endswith(".exp_avg") for name in state)
-    assert not any(name.endswith(".momentum_buffer") for name in state)
+    assert any(name.startswith("optimiser.") and name.endswith(".momentum_buffer") for name in state)
+    assert not any(name.endswith(".exp_avg") for name in state)
     resume = read_resume_point(out, "kaf", TINY)
-    assert with_resume_defaults(_settings(steps=4, optimiser=None), resume).optimiser == "adam"
+    assert with_resume_defaults(_settings(steps=4, optimiser=None), resume).optimiser == "sgd"
     with pytest.raises(InputDataError, match="optimiser"):
         _settings(optimiser="rmsprop")
 
@@ -261,18 +261,21 @@ def test_cli_pretrain_writes_a_checkpoint_and_refuses_bad_input(tmp_path, capsys
     printed = capsys.readouterr().out
     assert '"terms": {"L_PCL"' in printed and '"event": "result"' in printed
     assert load_checkpoint(out)[1].method == "kaf"
-    adam_out = tmp_path / "adam.safetensors"
-    adam = ["--data", str(volume), "--out", str(adam_out), "--view-size", "32", "--batch-size", "2"]
-    assert main(["pretrain", "--method", "kaf", *adam, "--steps", "1", "--optimiser", "adam"]) == 0
-    assert any(name.endswith(".exp_avg") for name in load_checkpoint(adam_out)[0])
+    paper_out = tmp_path / "paper.safetensors"
+    paper = ["--data", str(volume), "--out", str(paper_out), "--view-size", "32", "--batch-size", "2"]
+    assert main(["pretrain", "--method", "kaf-paper", *paper, "--steps", "1"]) == 0
+    weights, metadata = load_checkpoint(paper_out)
+    assert metadata.method == "kaf-paper" and metadata.extra["transfer"] == ["encoder", "bottleneck"]
+    assert any(name.endswith(".momentum_buffer") for name in weights)  # the paper's SGD
+    assert metadata.extra["pretrain"]["method_config"]["position_threshold"] == 0.35
     options_out = tmp_path / "options.safetensors"
-    options = ["--method-option", "position_threshold=0.1", "--method-option", "pcl_head_norm=true"]
+    options = ["--method-option", "position_threshold=0.1", "--method-option", "pcl_head_norm=false"]
     chosen = ["--data", str(volume), "--out", str(options_out), "--view-size", "32", "--batch-size", "2"]
     assert main(["pretrain", "--method", "kaf", *chosen, "--steps", "1", *options]) == 0
     weights, metadata = load_checkpoint(options_out)
     stored = metadata.extra["pretrain"]["method_config"]
-    assert stored["position_threshold"] == 0.1 and stored["pcl_head_norm"] is True
-    assert any(name.startswith("ssl_heads.pcl.1.running_mean") for name in weights)  # the BatchNorm
+    assert stored["position_threshold"] == 0.1 and stored["pcl_head_norm"] is False
+    assert not any(".running_mean" in name for name in weights if name.startswith("ssl_heads.pcl."))
     for bad, message in [
         ("temperature=-1", "temperature must be positive"),
         ("temperature=nan", "must be finite"),

@@ -205,7 +205,7 @@ def one_keypoint_volumes() -> PretrainData:
 
 
 @pytest.mark.parametrize("keypoints", [0, 1])
-@pytest.mark.parametrize("method", ["kaf", "gcl", "pgl", "dense"])
+@pytest.mark.parametrize("method", ["kaf", "kaf-paper", "gcl", "pgl", "dense"])
 def test_every_pretraining_method_trains_at_batch_size_1_with_views_of_0_or_1_keypoints(
     method, keypoints, one_keypoint_volumes, tmp_path, monkeypatch
 ):

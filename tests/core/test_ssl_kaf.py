@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 from ssl_support import hippocampus_data, losses_over_steps, tiny_model
+from volume_factory import synthetic_volume
 
 from kaf.ssl import make_method
 from kaf.ssl.base import item_generators
@@ -172,3 +174,49 @@ def test_kaf_pretraining_loss_falls_on_real_slices(shared_data):
     method = make_method("kaf", view_size=64)
     losses = losses_over_steps(method, data, tiny_model(kaf=True), steps=40, batch_size=8, learning_rate=1e-3)
     assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.1
+
+
+def test_kaf_paper_keeps_the_papers_values_where_the_default_departs_from_them():
+    default, paper = make_method("kaf"), make_method("kaf-paper")
+    differing = {
+        field.name
+        for field in fields(default.config)
+        if getattr(default.config, field.name) != getattr(paper.config, field.name)
+    }
+
+    assert differing == {"position_threshold", "pcl_head_norm", "optimiser"}
+    assert paper.name == "kaf-paper"
+    assert (paper.config.position_threshold, paper.config.pcl_head_norm) == (0.35, False)
+    optimiser = paper.config.optimiser
+    assert (optimiser.kind, optimiser.learning_rate, optimiser.momentum) == ("sgd", 0.002, 0.9)
+    assert (default.config.optimiser.kind, default.config.optimiser.learning_rate) == ("adam", 1e-3)
+    assert paper.transfer_groups() == default.transfer_groups()
+
+
+def _mean_off_diagonal_cosine(embeddings: torch.Tensor) -> float:
+    unit = torch.nn.functional.normalize(embeddings, dim=1)
+    similarity = unit @ unit.T
+    count = len(similarity)
+    return float((similarity.sum() - similarity.diagonal().sum()) / (count * (count - 1)))
+
+
+def test_the_default_pcl_head_spreads_the_pooled_features_that_the_papers_head_leaves_collapsed():
+    """The measured cause of the paper settings' chance-level L_PCL (BENCHMARKS.md): at initialisation
+    the pooled bottleneck features of different slices are nearly parallel, and only a head with a
+    BatchNorm separates them."""
+    image, _ = synthetic_volume(slices=8)
+    data = volumes_from_arrays([image], max_keypoints=32)
+    model = tiny_model(kaf=True)
+    embeddings = {}
+    for name in ("kaf", "kaf-paper"):
+        method = make_method(name, view_size=32)
+        torch.manual_seed(0)
+        heads = method.build_heads(model)
+        batch = method.make_batch(data, item_generators(0, 0, 0, 8), "pretrain", True)
+        with torch.no_grad():
+            pooled = model(batch.images, batch.keypoints, batch.keypoint_mask, decode_until=0).bottleneck
+            embeddings[name] = heads["pcl"](pooled.mean(dim=(2, 3)))
+
+    assert _mean_off_diagonal_cosine(pooled.mean(dim=(2, 3))) > 0.9  # 0.92 here, 0.997 on ACDC slices
+    assert _mean_off_diagonal_cosine(embeddings["kaf-paper"]) > 0.9
+    assert _mean_off_diagonal_cosine(embeddings["kaf"]) < 0.5

@@ -6,7 +6,7 @@
 - losses.py: the shared loss primitives (masked InfoNCE in three denominator modes, BYOL regression,
   Sinkhorn matching).
 - base.py: the method plug-in shape and the cross-rank communicator.
-- kaf_method.py, gcl.py, pgl.py, dense.py: the four methods.
+- kaf_method.py, gcl.py, pgl.py, dense.py: the four methods (KAF in two configurations: kaf, kaf-paper).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from kaf.ssl.base import PretrainMethod
 # name -> (module, class); imported on demand so that choosing one method does not import the others.
 METHODS: dict[str, tuple[str, str]] = {
     "kaf": ("kaf.ssl.kaf_method", "KafPretraining"),
+    "kaf-paper": ("kaf.ssl.kaf_method", "KafPaperPretraining"),  # the paper's settings (BENCHMARKS.md)
     "gcl": ("kaf.ssl.gcl", "GclPretraining"),
     "pgl": ("kaf.ssl.pgl", "PglPretraining"),
     "dense": ("kaf.ssl.dense", "DensePretraining"),
