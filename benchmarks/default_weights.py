@@ -11,7 +11,8 @@
 
 When the interactive preset's layout changes (other KAF levels, a gate), `--refit` rewrites the shipped
 file for it (kaf.models.default_weights.refit_to_layout: shared tensors kept, new ones at their initial
-values, the change recorded in its metadata) and scores it the same way.
+values, the change recorded in its metadata) and scores it the same way. An export from a checkpoint
+pretrained with another layout is refitted the same way.
 """
 
 from __future__ import annotations
@@ -161,6 +162,9 @@ def main() -> None:
     exported = export_for_transfer(
         args.pretrained, WEIGHTS / WEIGHTS_FILE, SHIPPED_GROUPS, {"licence": "CC BY-SA 4.0"}
     )
+    layout = preset_config("interactive")
+    if load_checkpoint(exported)[1].model_config() != layout:  # pretrained with another KAF layout
+        refit_to_layout(exported, exported, layout)
     rows = score_cases(exported, args.cases, args.slices)
     (WEIGHTS / "MODEL_CARD.md").write_text(card(rows, args, exported))
     print((WEIGHTS / "MODEL_CARD.md").read_text())
