@@ -10,7 +10,6 @@ follows which tensors are alive at each operation and takes the peak of their su
 from __future__ import annotations
 
 import weakref
-from contextlib import AbstractContextManager
 
 import torch
 import torch.fx.experimental._config as fx_config
@@ -56,7 +55,7 @@ def inference_batch_bytes(config: ModelConfig, images: int, height: int, width: 
     return int(live.peak * ACTIVATION_SLACK) + weights + RUNTIME_OVERHEAD_BYTES
 
 
-class _LiveTensorBytes(TorchDispatchMode, AbstractContextManager):
+class _LiveTensorBytes(TorchDispatchMode):
     """Counts the bytes of the tensors operations create, minus those already freed, and keeps the peak.
     Views and in-place results share their input's memory and are not counted again."""
 
