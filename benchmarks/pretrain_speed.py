@@ -63,7 +63,7 @@ def measure(method: str, preset: str, device: str, steps: int, threads: int) -> 
         batch_size=items,
         view_size=view,
         device=device,
-        save_every=10**9,
+        save_every=steps + 1,  # once, at the end
     )
     data, source = load_data(settings, view)
     for volume in data.volumes:  # SIFT is cached per slice in real runs: keep it out of the step time

@@ -143,3 +143,21 @@ def test_a_row_the_device_refuses_is_reported_and_the_others_still_run(tmp_path,
     section = few_label.dataset_section(results, BUDGET, rows, None, tmp_path / "BENCHMARKS.md")
     assert f"- {few_label.ALL_ROWS['kaf+gcl'].label}: {refusal}" in section
     assert "| KAF + GCL |" not in section
+
+
+@pytest.mark.parametrize("budget", [few_label.QUICK, few_label.LONG, few_label.FULL], ids=lambda b: b.mode)
+@pytest.mark.parametrize("row", [row for row in few_label.ALL_ROWS.values() if row.method])
+def test_every_pretrained_row_gets_valid_pretraining_settings(row, budget):
+    """A budget's pretraining settings pass PretrainSettings' own checks (a save interval out of range once
+    stopped every long run at its first pretraining)."""
+    settings = few_label.pretrain_settings(row, budget, view=64, device="cpu")
+    assert settings.steps == budget.pretrain_steps
+
+
+def test_kaf_pretraining_keeps_its_measured_optimiser():
+    """The rate 0.02 was chosen for the paper's SGD; given to the default Adam it would be twenty times
+    its measured rate."""
+    kaf = few_label.pretrain_settings(few_label.Row("kaf", "kaf"), few_label.LONG, view=64, device="cpu")
+    paper = few_label.pretrain_settings(few_label.Row("kaf", "kaf-paper"), few_label.LONG, 64, "cpu")
+    assert kaf.learning_rate is None
+    assert paper.learning_rate == 0.02
