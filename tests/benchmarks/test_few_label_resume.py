@@ -161,3 +161,22 @@ def test_kaf_pretraining_keeps_its_measured_optimiser():
     paper = few_label.pretrain_settings(few_label.Row("kaf", "kaf-paper"), few_label.LONG, 64, "cpu")
     assert kaf.learning_rate is None
     assert paper.learning_rate == 0.02
+
+
+def test_kaf_rows_are_paired_with_unet_gcl_and_the_unet():
+    """Issue #20's bar is read from this table: a KAF row against UNet + GCL draw by draw, beside its own
+    random init and the UNet's."""
+    budget = replace(BUDGET, labelled=(1,), draws=3)
+
+    def row(*draw_dice: float) -> few_label.RowResults:
+        return few_label.RowResults(few_label={1: [np.array([[dice]]) for dice in draw_dice]})
+
+    rows = {"kaf+gcl": row(0.5, 0.6, 0.4), "unet+gcl": row(0.4, 0.5, 0.5), "unet": row(0.1, 0.1, 0.1)}
+    results = few_label.DatasetResults(cases=None, rows=rows, copy_baseline={}, draws={})
+    lines = few_label.paired_comparisons(results, budget, [few_label.ALL_ROWS[key] for key in rows])
+    table = [line for line in lines if line.startswith("| KAF")]
+    assert table == [
+        "| KAF + GCL | UNet + GCL | 2 of 3 | +0.033 | 1.000 |",
+        "| KAF + GCL | UNet, random init | 3 of 3 | +0.400 | 0.250 |",
+    ]
+    assert not [line for line in lines if line.startswith("| UNet + GCL | UNet + GCL")]
