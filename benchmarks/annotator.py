@@ -36,8 +36,10 @@ def annotator_run(
     settings: FinetuneSettings | None = None,
     init: Initialisation | None = None,
     inference_batch: int | None = None,
+    adapt_seconds: float | None = None,
 ) -> AnnotatorRun:
-    """`classes` None: one more than the largest label. `settings` None: the product's defaults on the CPU."""
+    """`classes` None: one more than the largest label. `settings` None: the product's defaults on the CPU.
+    `adapt_seconds`: adapt the weights to the image first (napari's Adapt), as `finetune_from` does."""
     image = read_volume(image_path)
     reference = read_labels(labels_path, image)
     classes = int(reference.max()) + 1 if classes is None else classes
@@ -46,7 +48,8 @@ def annotator_run(
     sparse[annotated] = reference[annotated]
     start = time.perf_counter()
     annotation = sparse_annotation(sparse, 0, annotated, classes)
-    trained = drive(finetune_from(image, annotation, settings or FinetuneSettings(device="cpu"), init))
+    settings = settings or FinetuneSettings(device="cpu")
+    trained = drive(finetune_from(image, annotation, settings, init, adapt_seconds=adapt_seconds))
     result = trained.result
     prediction = drive(predict_trained(image, trained, device="cpu", batch_size=inference_batch))
     seconds = time.perf_counter() - start
