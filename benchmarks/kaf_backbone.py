@@ -8,6 +8,10 @@ side by side: the plain UNet(c1), the KAF layout without KAF layers (UNet(c2)), 
 KAF model with its fusion starting at zero. Each (volume, seed) runs every variant, so the differences are
 paired. Prints one JSON line per run, then a paired summary against the first variant named.
 
+Every variant trains with one learning rate for the whole model, as when these variants were first
+measured, unless its name says otherwise: `kaf-gate-levels-34-lr-tenth` is the product's fine-tuning
+since 2026-12-07 (the KAF layers at a tenth of the rate).
+
     python benchmarks/kaf_backbone.py --dataset acdc --variants unet-c2 kaf kaf-gate > acdc.jsonl
     python benchmarks/kaf_backbone.py --init default --variants kaf kaf-gate > acdc_default.jsonl
 """
@@ -193,7 +197,7 @@ def main() -> None:
     init = None if args.init is None else load_initialisation(args.init, None)
     lines = []
     for seed in args.seeds:
-        settings = FinetuneSettings(device="cpu", seed=seed, steps=args.steps)
+        settings = FinetuneSettings(device="cpu", seed=seed, steps=args.steps, kaf_learning_rate_scale=1.0)
         for case in CASES[args.dataset][args.skip : args.cases]:
             for variant in args.variants:
                 lines.append(run(args.dataset, case, variant, args.slices, settings, init, args.adapt_steps))
