@@ -24,6 +24,7 @@ from few_label import DATASETS, LONG, Row, annotator_protocol, budget_cases  # b
 from speed import machine
 
 from kaf.app.workflow import load_initialisation
+from kaf.jobs.finetune import FinetuneSettings
 
 
 def named_weights(text: str) -> tuple[str, Path | None]:
@@ -45,8 +46,8 @@ def main() -> None:
     parser.add_argument(
         "--kaf-lr-scale",
         type=float,
-        default=1.0,
-        help="the KAF layers' fine-tuning learning rate as a multiple of the rest's",
+        default=FinetuneSettings.kaf_learning_rate_scale,
+        help="the KAF layers' fine-tuning learning rate as a multiple of the rest's (default: the product's)",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--jsonl", type=Path, help="also append every result line here")

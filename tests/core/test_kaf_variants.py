@@ -5,6 +5,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from kaf.app.cli import build_parser
+from kaf.app.commands import finetune_settings
 from kaf.data.augment import AugmentationSettings, augment_batch, drop_keypoints
 from kaf.jobs.finetune import FinetuneSettings, parameter_groups_by_rate
 from kaf.models import KafUNet, preset_config
@@ -62,8 +64,19 @@ def test_kaf_learning_rate_scale_puts_exactly_the_kaf_layers_in_a_scaled_group()
 
 
 def test_kaf_learning_rate_scale_must_be_positive() -> None:
-    with pytest.raises(InputDataError, match="learning-rate scale"):
+    with pytest.raises(InputDataError, match="kaf_learning_rate_scale must be a finite number above 0"):
         FinetuneSettings(kaf_learning_rate_scale=0.0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "scale"),
+    [([], FinetuneSettings.kaf_learning_rate_scale), (["--kaf-learning-rate-scale", "1"], 1.0)],
+)
+def test_the_kaf_learning_rate_scale_flag_reaches_the_fine_tuning_settings(flags, scale) -> None:
+    args = build_parser().parse_args(
+        ["finetune", "--image", "i.nii", "--labels", "l.nii", "--out", "m.safetensors", *flags]
+    )
+    assert finetune_settings(args).kaf_learning_rate_scale == scale
 
 
 def test_weights_fitted_to_another_layout_keep_shared_tensors_and_start_new_gates_at_zero() -> None:

@@ -7,6 +7,7 @@ match. The layer tests cover every preset's keypoint path; the jobs run on the s
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -218,3 +219,34 @@ def test_every_pretraining_method_trains_at_batch_size_1_with_views_of_0_or_1_ke
 
     assert result.steps == len(result.stages) and np.isfinite(result.losses).all()
     assert all(np.isfinite(value) for value in result.last_terms.values())
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0])
+def test_fine_tuning_moves_the_kaf_layers_at_their_scaled_learning_rate(scale):
+    # Adam's first step moves every weight with a gradient by about its group's learning rate.
+    prepared, sparse = _prepared(max_keypoints=8)
+    pool = annotated_pool(prepared, sparse_annotation(sparse))
+    config = replace(preset_config("interactive", classes=3), fusion_starts_at_zero=True)
+    model = KafUNet(config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    settings = FinetuneSettings(
+        steps=1, batch_size=2, crop_size=32, device="cpu", weight_decay=0.0, kaf_learning_rate_scale=scale
+    )
+
+    drive(
+        train_on_pool(
+            model, pool, settings, torch.device("cpu"), torch.Generator(), StageClock(), CancelToken()
+        )
+    )
+
+    def largest_move(in_kaf: bool) -> float:
+        moves = [
+            (p.detach() - before[name]).abs().max().item()
+            for name, p in model.named_parameters()
+            if (".kaf." in f".{name}") == in_kaf
+        ]
+        return max(moves)
+
+    rate = settings.learning_rate
+    assert largest_move(in_kaf=False) == pytest.approx(rate, rel=0.01)
+    assert largest_move(in_kaf=True) == pytest.approx(rate * scale, rel=0.01)

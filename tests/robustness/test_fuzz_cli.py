@@ -88,6 +88,7 @@ FINETUNE_FLAGS = [
     SEED,
     BUDGET,
     RATE,
+    Flag("--kaf-learning-rate-scale", validation.KAF_LEARNING_RATE_SCALE, real(1e-3, 100)),
     Flag("--crop-size", validation.TRAINING_SIDE, st.sampled_from(["16", "24", "32", "48"])),
     Flag("--max-side", validation.MAX_SIDE, whole(0, 16_384)),
 ]

@@ -20,6 +20,7 @@ from kaf.runtime.validation import (
     BATCH_SIZE,
     EPOCHS,
     INDEX,
+    KAF_LEARNING_RATE_SCALE,
     LEARNING_RATE,
     MAX_SIDE,
     SEED,
@@ -154,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=LEARNING_RATE.flag(),
         default=None,
         help="initial Adam learning rate (default 3e-3, cosine to 3e-4)",
+    )
+    finetune.add_argument(
+        "--kaf-learning-rate-scale",
+        type=KAF_LEARNING_RATE_SCALE.flag(),
+        default=None,
+        help="the KAF layers' learning rate as a multiple of --learning-rate (default 0.1)",
     )
     finetune.add_argument(
         "--seed",

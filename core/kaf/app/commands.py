@@ -41,13 +41,15 @@ from kaf.runtime.errors import InputDataError, InputFileError
 from kaf.ssl.data import find_volume_paths
 
 
-def _settings(args) -> FinetuneSettings:
+def finetune_settings(args) -> FinetuneSettings:
+    """The fine-tuning settings that the flags choose, with the defaults for flags not given."""
     chosen = {
         "steps": args.steps,
         "time_budget": getattr(args, "time_budget", None),
         "batch_size": getattr(args, "batch_size", None),
         "crop_size": getattr(args, "crop_size", None),
         "learning_rate": getattr(args, "learning_rate", None),
+        "kaf_learning_rate_scale": getattr(args, "kaf_learning_rate_scale", None),
     }
     return replace(
         FinetuneSettings(
@@ -89,7 +91,7 @@ def finetune(args, printer, cancel, run) -> dict:
     job = finetune_volume(
         image,
         annotation,
-        _settings(args),
+        finetune_settings(args),
         args.checkpoint,
         [n.strip() for n in args.label_names.split(",")] if args.label_names else None,
         modality=args.modality,
@@ -302,7 +304,7 @@ def demo(args, printer, cancel, run) -> dict:
     _warn_on_cpu(args.device)
     checkpoint = None if args.checkpoint == RANDOM_KEYWORD else args.checkpoint
     trained = run(
-        finetune_volume(image, annotation, _settings(args), checkpoint, names, cancel=cancel), printer
+        finetune_volume(image, annotation, finetune_settings(args), checkpoint, names, cancel=cancel), printer
     )
     result, prepared = trained.result, trained.prepared
     segmentation = run(

@@ -105,6 +105,8 @@ TRAINING_SIDE = Bounds(16, 4096)
 # The longest slice side the model sees (0: the native resolution); a model's input_size too.
 MAX_SIDE = Bounds(0, 16_384)
 LEARNING_RATE = Bounds(0, 10, whole=False, above_low=True)
+# The KAF layers' fine-tuning rate as a multiple of the rest of the model's.
+KAF_LEARNING_RATE_SCALE = Bounds(0, 100, whole=False, above_low=True)
 TIME_BUDGET = Bounds(0, 10_000_000, whole=False, above_low=True)  # seconds (about 115 days)
 SEED = Bounds(0, 2**32 - 1, why="NumPy's and PyTorch's seeds are 32-bit unsigned numbers")
 INDEX = Bounds(0, 2**31 - 1)  # a slice or a keypoint; the job checks the upper end against the image
