@@ -70,7 +70,7 @@ class FinetuneSettings:
     # its place in the augmented crop.
     slice_frame_positions: bool = False
     # The KAF layers' learning rate as a multiple of the rest of the model's (1 = one rate for all). A tenth
-    # was higher than one rate in 26 of 30 paired runs from the shipped weights, and removed KAF's failing
+    # was higher than one rate in 29 of 36 paired runs from the shipped weights, and removed KAF's failing
     # seeds (BENCHMARKS.md, "The KAF layers at a tenth of the learning rate").
     kaf_learning_rate_scale: float = 0.1
 
