@@ -26,14 +26,15 @@ from kaf.data.volume_io import read_labels, read_volume
 from kaf.models.checkpoints import load_checkpoint, save_checkpoint
 
 
-def dice_of(checkpoint: Path, image_path: Path, reference, annotated, classes: int, folder: Path) -> float:
+def dice_of(
+    checkpoint: Path, image_path: Path, image, reference, annotated, classes: int, folder: Path
+) -> float:
     segmentation = folder / f"{checkpoint.stem}.nii.gz"
     command = ["predict", "--image", str(image_path), "--checkpoint", str(checkpoint)]
     with contextlib.redirect_stdout(sys.stderr):  # stdout keeps only this script's JSON lines
         status = kaf([*command, "--out", str(segmentation), "--device", "cpu", "--progress", "none"])
     if status != 0:
         raise SystemExit(f"kaf predict failed on {checkpoint}")
-    image = read_volume(image_path)
     return dice_on_unannotated(read_labels(segmentation, image), reference, annotated, classes)[0]
 
 
@@ -46,14 +47,18 @@ def ablate(checkpoint: Path, image_path: Path, labels_path: Path, slices: int, f
     save_checkpoint(
         gates_off, {n: torch.zeros_like(t) if n in gates else t for n, t in state.items()}, metadata
     )
-    reference = read_labels(labels_path, read_volume(image_path))
-    annotated = spread_slices(reference, slices)
-    classes = metadata.model_config().classes
+    image = read_volume(image_path)
+    reference = read_labels(labels_path, image)
+    annotated, classes = spread_slices(reference, slices), metadata.model_config().classes
+
+    def score(model: Path) -> float:
+        return round(dice_of(model, image_path, image, reference, annotated, classes, folder), 4)
+
     return {
         "checkpoint": str(checkpoint),
         "mean_abs_gate": {name: round(float(state[name].float().abs().mean()), 4) for name in gates},
-        "dice": round(dice_of(checkpoint, image_path, reference, annotated, classes, folder), 4),
-        "dice_gates_off": round(dice_of(gates_off, image_path, reference, annotated, classes, folder), 4),
+        "dice": score(checkpoint),
+        "dice_gates_off": score(gates_off),
     }
 
 
