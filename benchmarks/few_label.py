@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -99,8 +100,18 @@ DATASETS = {
 
 
 def slug(variant: str | None) -> list[str]:
-    """A variant's part of section and file names ("8 draws" -> ["8-draws"])."""
-    return [variant.replace(" ", "-")] if variant else []
+    """A variant's part of section and file names ("8 draws" -> ["8-draws"], "8 draws, rows kaf+gcl" ->
+    ["8-draws-rows-kaf-gcl"])."""
+    return [re.sub(r"[^a-z0-9]+", "-", variant.lower()).strip("-")] if variant else []
+
+
+def run_variant(budget: Budget, rows: list[Row], draws_given: bool) -> str | None:
+    """What sets a run apart from its mode: draws other than the mode's, or only some of its rows. A run
+    of some rows gets a section of its own, so that it does not replace the section of the mode's rows."""
+    parts = [f"{budget.draws} draws"] if draws_given else []
+    if set(rows) != set(budget.rows):  # the same rows in another order are the same section
+        parts.append("rows " + " ".join(row.key for row in rows))
+    return ", ".join(parts) or None
 
 
 def named_datasets(datasets: list[str]) -> list[str]:
@@ -922,7 +933,7 @@ def report(
         + ", on the pool's images only.  ",
         f"Fine-tuning: {finetune_length(budget)} of batch {settings.batch_size}, crops "
         f"{settings.crop_size} px, Adam {settings.learning_rate:g} → {settings.final_learning_rate:g} "
-        "cosine, Dice + CE, augmentation on; "
+        f"cosine (KAF layers at {settings.kaf_learning_rate_scale:g} of it), Dice + CE, augmentation on; "
         f"{budget.draws} draw(s) per M; the annotator's protocol {budget.annotator_steps} steps.  ",
         "Prediction keeps the largest 3D component of each class (the product's default).",
         "",
@@ -989,9 +1000,9 @@ def main() -> None:
     budget = FULL if args.full else LONG if args.long else QUICK
     budget = budget.smoke() if args.smoke else budget
     budget = replace(budget, draws=args.draws) if args.draws else budget
-    # Explicit draws get their own section and plots, beside the mode's rather than in their place.
-    variant = f"{budget.draws} draws" if args.draws else None
     rows = [ALL_ROWS[key] for key in args.rows] if args.rows else list(budget.rows)
+    # Explicit draws or rows get their own section and plots, beside the mode's rather than in their place.
+    variant = run_variant(budget, rows, draws_given=args.draws is not None)
     work = args.work or Path("/tmp") / f"kaf_{budget.file_stem}"
     work.mkdir(parents=True, exist_ok=True)
     plots_dir = args.plots or (Path("benchmarks/results") if args.write else work)

@@ -180,3 +180,19 @@ def test_kaf_rows_are_paired_with_unet_gcl_and_the_unet():
         "| KAF + GCL | UNet, random init | 3 of 3 | +0.400 | 0.250 |",
     ]
     assert not [line for line in lines if line.startswith("| UNet + GCL | UNet + GCL")]
+
+
+def test_a_run_of_some_rows_gets_its_own_section_beside_the_modes():
+    """Running two rows with 8 draws must not replace the section that holds all of the mode's rows."""
+    long, rows = few_label.LONG, [few_label.ALL_ROWS["kaf+gcl"], few_label.ALL_ROWS["unet+gcl"]]
+    every_row = list(long.rows)
+    assert few_label.run_variant(long, every_row, draws_given=False) is None
+    assert few_label.run_variant(long, every_row, draws_given=True) == "3 draws"
+    assert few_label.run_variant(long, every_row[::-1], draws_given=False) is None
+    some = few_label.run_variant(replace(long, draws=8), rows, draws_given=True)
+    assert some == "8 draws, rows kaf+gcl unet+gcl"
+    full_section = long.markers(["acdc"], "8 draws")
+    some_section = long.markers(["acdc"], some)
+    assert some_section[0] == "<!-- few-label-long-8-draws-rows-kaf-gcl-unet-gcl-acdc:start -->"
+    assert some_section != full_section
+    assert full_section[0] == "<!-- few-label-long-8-draws-acdc:start -->"  # the existing section's name
