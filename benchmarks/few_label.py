@@ -480,7 +480,7 @@ def dice_elsewhere(prediction: np.ndarray, sparse: LabelledVolume, classes: int)
 
 @dataclass
 class RowResults:
-    """A row's results so far: draws are added one at a time, the annotator's protocol last."""
+    """A row's results so far: the annotator's protocol first, then draws one at a time."""
 
     few_label: dict[int, list[np.ndarray]] = field(default_factory=dict)  # M -> per draw [volumes, classes]
     annotator: dict[int, list[float]] = field(default_factory=dict)  # k -> per annotated volume
@@ -620,6 +620,13 @@ def run_row(
     this_run = f"{when}, {device_description(device)}, {run.args.threads} threads, {commit()}"
     init = None if row.method is None else pretrained_init(run, results, data_cache)
     config = backbone_config(budget, row.backbone)
+    # The annotator's protocol first: the product's own use and the cheaper part, so that a run cut short
+    # keeps it.
+    if not results.annotator_done(budget):
+        started = time.perf_counter()
+        results.annotator = annotator_protocol(cases, row, annotator_cases, init, budget, device)
+        results.seconds["annotator"] = time.perf_counter() - started
+        run.save(results)
     for M, drawn in draws.items():
         for d in range(results.draws_done(M), len(drawn)):
             started = time.perf_counter()
@@ -631,10 +638,6 @@ def run_row(
             results.draw_seconds.setdefault(M, []).append(time.perf_counter() - started)
             run.save(results)
             print(f"  {cases.dataset.key} {row.key} M={M} draw {d}: {np.nanmean(scores):.3f}", flush=True)
-    if not results.annotator_done(budget):
-        started = time.perf_counter()
-        results.annotator = annotator_protocol(cases, row, annotator_cases, init, budget, device)
-        results.seconds["annotator"] = time.perf_counter() - started
     results.runs.append(this_run)
     run.save(results)
     run.weights.unlink(missing_ok=True)  # up to a GB each with the paper preset
