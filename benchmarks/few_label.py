@@ -22,16 +22,16 @@ its numbers mean nothing).
                                    [--datasets acdc hippocampus] [--rows unet kaf kaf+kaf ...] [--draws N]
                                    [--write BENCHMARKS.md] [--plots DIR] [--work DIR] [--fresh]
 
-Each row's results are saved in WORK draw by draw, and a later run of the same protocol (budget, dataset and
-seed; the number of draws aside) reuses them: a run too long for one sitting resumes where it stopped, and a
-run with more draws runs only the new ones, since draw d is the same labelled volumes and seed whatever the
-number of draws (`--fresh` runs every row again). A pretrained row keeps its weights in WORK until the row
-is complete.
-Results go to WORK/BENCHMARKS.md always, and into the --write file only when asked (between the markers
-of the section of this mode and these datasets, keeping the rest of the file); plots (Dice against M and
-against k) beside it. A run given `--draws` writes its own section and plots (e.g. "long mode, 8 draws"),
-beside the mode's. Each section pairs every pretrained row with random init of the same network, draw by
-draw, with a sign test.
+Each row's results are saved in WORK, the annotator's protocol first and then draw by draw, and a later run of
+the same protocol (budget, dataset and seed; the number of draws aside) reuses them: a run too long for one
+sitting resumes where it stopped, and a run with more draws runs only the new ones, since draw d is the same
+labelled volumes and seed whatever the number of draws (`--fresh` runs every row again). A pretrained row
+keeps its weights in WORK until the row is complete.
+Results go to WORK/BENCHMARKS.md always, and into the --write file only when asked (between the markers of the
+section of this mode and these datasets, keeping the rest of the file); plots (Dice against M and against k)
+beside it. A run given `--draws`, or only some of the mode's rows, writes its own section and plots (e.g.
+"long mode, 8 draws", "long mode, 8 draws, rows kaf+gcl"), beside the mode's. Each section pairs every
+pretrained row with random init of the same network, draw by draw, with a sign test.
 """
 
 from __future__ import annotations
