@@ -134,6 +134,7 @@ class Row:
             "kaf": "KAF",
             "kaf-paper": "KAF (paper settings)",
             "gcl": "GCL",
+            "gcl-shifted": "GCL (translated local views)",
             "pgl": "PGL",
             "dense": "dense hierarchical",
             "unet": "UNet",
@@ -152,7 +153,14 @@ REQUIRED_ROWS = (
     Row("unet", "pgl"),
     Row("unet", "dense"),
 )
-EXTRA_ROWS = (Row("kaf", "kaf-paper"), Row("kaf", "gcl"), Row("kaf", "pgl"), Row("kaf", "dense"))
+EXTRA_ROWS = (
+    Row("kaf", "kaf-paper"),
+    Row("kaf", "gcl"),
+    Row("kaf", "pgl"),
+    Row("kaf", "dense"),
+    Row("unet", "gcl-shifted"),
+    Row("kaf", "gcl-shifted"),
+)
 ALL_ROWS = {row.key: row for row in REQUIRED_ROWS + EXTRA_ROWS}
 
 
@@ -787,10 +795,16 @@ def sign_test(higher: int, lower: int) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+# A method's other configuration -> the one it departs from: the pair that says whether the change helps.
+CONFIGURATION_OF = {"kaf-paper": "kaf", "gcl-shifted": "gcl"}
+
+
 def baselines(row: Row) -> list[Row]:
-    """The rows `row` is paired with: random init of its own network, and for a KAF row also issue #20's
-    bar, UNet + GCL and the UNet from random init."""
+    """The rows `row` is paired with: random init of its own network, the method it is a configuration
+    of, and for a KAF row also issue #20's bar, UNet + GCL and the UNet from random init."""
     against = [Row(row.backbone, None)] if row.method is not None else []
+    if row.method in CONFIGURATION_OF:
+        against.append(Row(row.backbone, CONFIGURATION_OF[row.method]))
     if row.backbone == "kaf":
         against += [Row("unet", "gcl"), Row("unet", None)]
     return against
@@ -819,7 +833,8 @@ def paired_comparisons(results: DatasetResults, budget: Budget, rows: list[Row])
     return [
         "",
         "Paired over every M and draw (the same labelled volumes): each pretrained row against random init "
-        "of its network, and each KAF row against UNet + GCL and the UNet from random init (issue #20):",
+        "of its network (and a method's other configuration against the method), and each KAF row against "
+        "UNet + GCL and the UNet from random init (issue #20):",
         "",
         "| method | against | higher in | mean difference | sign test p (two-sided) |",
         "|---|---|---|---|---|",

@@ -5,6 +5,7 @@ One panel per term, one line per run. The panels of KAF's SupCon terms (L_PCL, L
 their chance value, (tau / tau_b) log(2B - 1), and their floor: the loss of a perfect embedding, which
 is above zero because positions within the threshold make most of a batch positive. The floor is
 estimated from batches drawn as pretraining draws them (a random volume, then a random slice).
+GCL's local term (from pretraining_terms.py or gcl_local_views.py) gets its chance line, log 11.
 
     python benchmarks/plot_terms.py sgd.jsonl adam.jsonl --batch 8 --dataset acdc --out terms.png
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import textwrap
 from collections import defaultdict
 from itertools import cycle
@@ -25,11 +27,13 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from kaf.ssl.gcl import GclConfig
 from kaf.ssl.kaf_method import KafConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FOLDERS = {"acdc": "acdc", "hippocampus": "msd_hippocampus"}
 SUPCON_TERMS = ("L_PCL", "L_global")
+GCL_LOCAL_TERM = "local: local"  # GCL's local stage
 
 
 def slice_counts(dataset: str) -> list[int]:
@@ -86,6 +90,7 @@ def main() -> None:
         help="SupCon position threshold θ of a run, for its floor line (repeatable; default: the method's)",
     )
     parser.add_argument("--smooth", type=int, default=1, help="plot the moving mean of N logged steps")
+    parser.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
     parser.add_argument("--title", default="")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -113,6 +118,18 @@ def main() -> None:
                 axis.axhline(
                     floor, color="black", linestyle=style, label=f"floor at θ = {threshold:g}: {floor:.2f}"
                 )
+        if term == GCL_LOCAL_TERM:
+            # One positive and `local_negatives` neighbouring regions in each of the two views (L^R).
+            candidates = 1 + 2 * GclConfig().local_negatives
+            local_chance = math.log(candidates)
+            axis.axhline(
+                local_chance,
+                color="grey",
+                linestyle="--",
+                label=f"chance log {candidates} = {local_chance:.2f}",
+            )
+        if args.log_y:
+            axis.set_yscale("log")
         axis.set_title(term)
         axis.set_xlabel("step" if args.smooth == 1 else f"step (moving mean of {args.smooth} logged steps)")
         axis.legend(fontsize=6, loc="lower left")

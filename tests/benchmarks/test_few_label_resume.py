@@ -182,6 +182,16 @@ def test_kaf_rows_are_paired_with_unet_gcl_and_the_unet():
     assert not [line for line in lines if line.startswith("| UNet + GCL | UNet + GCL")]
 
 
+def test_a_methods_other_configuration_is_paired_with_the_method():
+    """Whether translated local views help GCL is read from gcl-shifted against gcl, draw by draw."""
+    rows = [few_label.ALL_ROWS[key] for key in ("unet+gcl-shifted", "kaf+gcl-shifted", "kaf+kaf-paper")]
+    assert [[other.key for other in few_label.baselines(row)] for row in rows] == [
+        ["unet", "unet+gcl"],
+        ["kaf", "kaf+gcl", "unet+gcl", "unet"],
+        ["kaf", "kaf+kaf", "unet+gcl", "unet"],
+    ]
+
+
 def test_a_run_of_some_rows_gets_its_own_section_beside_the_modes():
     """Running two rows with 8 draws must not replace the section that holds all of the mode's rows."""
     long, rows = few_label.LONG, [few_label.ALL_ROWS["kaf+gcl"], few_label.ALL_ROWS["unet+gcl"]]

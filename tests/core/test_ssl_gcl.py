@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from kaf.ssl.data import volumes_from_arrays
 from kaf.ssl.gcl import (
     GclConfig,
     GclPretraining,
+    RegionHead,
     frame_origin,
     global_loss,
     global_masks,
@@ -274,3 +277,71 @@ def test_loss_falls_on_real_slices(shared_data, stage):
         gcl(), data, tiny_model(), steps=24, batch_size=1 if stage == "global" else 2, stage=stage
     )
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+# --- shifted local views (our choice: local_shift) ------------------------------------------------------
+
+
+def test_shifted_local_views_show_each_region_at_its_transported_place():
+    """Without intensity changes, a region's 3 x 3 window (12 x 12 px) in one view is the same pixels as
+    its window in the other view, although the two views are translated differently."""
+    square = volumes_from_arrays([np.random.default_rng(2).normal(size=(6, 64, 64))] * 2)
+    method = make_method(
+        "gcl", view_size=64, local_shift=0.125, brightness=0.0, contrast_range=(1.0, 1.0), clip_high=1e6
+    )
+    cells = method.config.local_shift_cells
+    assert cells == 2
+    batch = method.make_batch(square, item_generators(3, 0, 0, 40), "local", with_keypoints=False)
+    offsets = batch.offsets.reshape(-1, 2)
+    assert offsets.abs().max() == cells and (offsets[:, 0] != offsets[:, 1]).any()
+    assert (batch.offsets[:, 0] != batch.offsets[:, 1]).any(dim=1).float().mean() > 0.8
+    corners = torch.tensor(region_corners(16, cells))
+    for slot in range(len(batch.images)):
+        windows = []
+        for view in range(2):
+            image = batch.images[slot, view, 0]
+            pixels = (corners - batch.offsets[slot, view]) * 4
+            assert (pixels >= 0).all() and (pixels + 12 <= 64).all()
+            windows.append(torch.stack([image[r : r + 12, c : c + 12] for r, c in pixels.tolist()]))
+        assert torch.allclose(windows[0], windows[1], atol=1e-4)
+
+
+def test_region_head_takes_each_images_own_windows():
+    head = RegionHead(channels=3, region_dim=5).eval()
+    features = torch.randn(2, 3, 10, 10)
+    corners = torch.tensor([[[0, 0], [4, 7]], [[7, 7], [2, 5]]])
+    mapped = head.convs(features)
+    expected = torch.stack(
+        [
+            torch.stack([mapped[b, :, r : r + 3, c : c + 3].flatten() for r, c in corners[b].tolist()])
+            for b in range(2)
+        ]
+    )
+    assert torch.allclose(head(features, corners), head.embed(expected), atol=1e-6)
+
+
+def test_local_shift_is_validated_and_zero_keeps_the_paper_views():
+    with pytest.raises(KafError, match="local_shift"):
+        GclConfig(local_shift=0.3)
+    with pytest.raises(KafError, match="no room"):
+        GclConfig(view_size=32, local_shift=0.25)
+    assert region_corners(32, 0) == region_corners(32)
+    assert region_corners(32, 4) == [(r + 4, c + 4) for r, c in region_corners(24)]
+    batch = gcl().make_batch(synthetic_data(3), item_generators(0, 0, 0, 2), "local", with_keypoints=False)
+    assert not batch.offsets.any()
+
+
+def test_shifted_local_loss_runs_on_a_kaf_backbone():
+    method, model = make_method("gcl", view_size=64, local_shift=0.25), tiny_model(kaf=True)
+    heads = method.build_heads(model)
+    batch = method.make_batch(synthetic_data(3), item_generators(0, 0, 0, 2), "local", True)
+    loss, _ = method.loss(model, heads, batch, "local", Communicator())
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_gcl_shifted_is_the_paper_configuration_with_translated_local_views():
+    shifted, paper = make_method("gcl-shifted").config, GclConfig()
+    assert shifted.local_shift == 0.25 and paper.local_shift == 0.0
+    assert dataclasses.asdict(shifted) == dataclasses.asdict(replace(paper, local_shift=0.25))
+    assert make_method("gcl-shifted", view_size=128).config.local_shift_cells == 8

@@ -6,7 +6,8 @@
 - losses.py: the shared loss primitives (masked InfoNCE in three denominator modes, BYOL regression,
   Sinkhorn matching).
 - base.py: the method plug-in shape and the cross-rank communicator.
-- kaf_method.py, gcl.py, pgl.py, dense.py: the four methods (KAF in two configurations: kaf, kaf-paper).
+- kaf_method.py, gcl.py, pgl.py, dense.py: the four methods (KAF in two configurations: kaf,
+  kaf-paper; GCL in two: gcl, the paper's, and gcl-shifted).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "kaf": ("kaf.ssl.kaf_method", "KafPretraining"),
     "kaf-paper": ("kaf.ssl.kaf_method", "KafPaperPretraining"),  # the paper's settings (BENCHMARKS.md)
     "gcl": ("kaf.ssl.gcl", "GclPretraining"),
+    "gcl-shifted": ("kaf.ssl.gcl", "GclShiftedPretraining"),  # translated local views (BENCHMARKS.md)
     "pgl": ("kaf.ssl.pgl", "PglPretraining"),
     "dense": ("kaf.ssl.dense", "DensePretraining"),
 }

@@ -7,7 +7,10 @@ images as negatives (G^D- keeps only the views of the same slice as positives; G
 
 Stage "local" freezes the encoder and trains the first decoder blocks with the head g2 to tell 13 fixed
 3 x 3 regions of the 1/4-resolution decoder map apart between two intensity-only views of a slice (L^R),
-or, with L^D, to also match the same region of same-partition slices of other volumes.
+or, with L^D, to also match the same region of same-partition slices of other volumes. With identical
+geometry in both views a zero-padded CNN solves that by position alone (BENCHMARKS.md, "GCL's local term
+reads 0.000"); `local_shift` (our choice) translates each view by whole cells of that map, so a region's
+windows sit at different places in its two views and only their content can match them.
 
 Decoder depth: the paper's decoder has five blocks and transfers the first l = 3, whose output is at 1/4
 of the input resolution. Our 4-level UNet reaches 1/4 resolution after two blocks (decoder.0 at 1/8,
@@ -35,6 +38,7 @@ GLOBAL_STRATEGIES = ("gd", "gd-", "gr")
 LOCAL_STRATEGIES = ("lr", "ld")
 LOCAL_BLOCKS = 2  # decoder blocks up to the 1/4-resolution map (the paper's l = 3 of five blocks)
 LOCAL_GROUPS = tuple(f"decoder.{block}" for block in range(LOCAL_BLOCKS))
+LOCAL_STRIDE = 4  # view pixels per cell of the decoder.1 map (1/4 resolution)
 REGION_SIZE = 3  # [code] 3 x 3 windows (local_reg_size = 1)
 REGION_MARGIN = 4  # [code] W' = W/4 - 4: the grid of window corners stays clear of the border
 SETS = 2  # our choice, faithful to the paper: two disjoint sets of volumes per group (METHODS.md B.2)
@@ -71,6 +75,9 @@ class GclConfig:
     region_dim: int = 128  # [code] g2's embedding of a 3 x 3 window
     local_negatives: int = 5  # [code] neighbouring regions per region (L^R)
     local_negatives_ld: int = 4  # [code] reduced for memory (L^D)
+    # Largest translation of each local view, as a fraction of the view side, taken in whole map cells.
+    # [paper] 0: identity correspondence, which position alone solves; gcl-shifted: 0.25.
+    local_shift: float = 0.0
     optimiser: OptimiserSettings = field(default_factory=_adam)
 
     def __post_init__(self) -> None:
@@ -84,6 +91,28 @@ class GclConfig:
             raise KafError(f"GCL view_size must be a multiple of 16 and at least 32, got {self.view_size}")
         if self.partitions < 1 or self.volumes_per_set < 1:
             raise KafError("GCL needs at least one partition and one volume per set")
+        if not 0 <= self.local_shift <= 0.25:
+            raise KafError(f"GCL local_shift must be between 0 and 0.25 of the view, got {self.local_shift}")
+        inner = self.view_size // LOCAL_STRIDE - 2 * self.local_shift_cells - REGION_MARGIN
+        if inner < 4:
+            raise KafError(
+                f"GCL local_shift {self.local_shift} leaves no room for 13 distinct regions on a "
+                f"{self.view_size} px view: use a smaller shift or a larger view"
+            )
+
+    @property
+    def local_shift_cells(self) -> int:
+        """m: each local view moves by up to m map cells along each axis."""
+        return int(self.local_shift * self.view_size / LOCAL_STRIDE)
+
+
+@dataclass(frozen=True)
+class GclShiftedConfig(GclConfig):
+    """GCL with translated local views (our choice, BENCHMARKS.md "GCL's local term with translated views"):
+    `--method gcl-shifted`. At a quarter of the view, position alone no longer finds a region's other
+    window (blank images stay at chance); at an eighth it still half does."""
+
+    local_shift: float = 0.25
 
 
 @dataclass
@@ -94,6 +123,7 @@ class GclBatch:
     volumes: torch.Tensor  # [N] int64: index of the slice's volume in the data
     slices: torch.Tensor  # [N] int64: slice index within the volume
     partitions: torch.Tensor  # [N] int64: floor(slice * S / slice count)
+    offsets: torch.Tensor  # [N, V, 2] int64: (row, col) map cells each view is translated by (local views)
     keypoints: torch.Tensor | None = None  # [N, V, K, 2] (row, col) int64, KAF backbones only
     keypoint_mask: torch.Tensor | None = None  # [N, V, K] bool
 
@@ -142,9 +172,21 @@ def frame_origin(volume: UnlabeledVolume) -> tuple[tuple[float, float], float]:
     return ((width - side) / 2, (height - side) / 2), side
 
 
-def frame_geometry(volume: UnlabeledVolume, size: int) -> ViewGeometry:
-    origin, side = frame_origin(volume)
-    return crop_geometry(origin, (side, side), (size, size))
+def frame_geometry(volume: UnlabeledVolume, size: int, offset: tuple[int, int] = (0, 0)) -> ViewGeometry:
+    """The slice's square frame at `size` px, translated by `offset` (row, col) map cells: view map cell p
+    shows frame cell p + offset. Outside the slice is padding, as in the global crops."""
+    (x0, y0), side = frame_origin(volume)
+    cell = LOCAL_STRIDE * side / size  # source pixels per map cell
+    return crop_geometry((x0 + offset[1] * cell, y0 + offset[0] * cell), (side, side), (size, size))
+
+
+def random_offset(cells: int, generator: torch.Generator) -> tuple[int, int]:
+    """A translation uniform in [-cells, cells]^2 map cells; no draw at all when cells = 0, so that the
+    paper's setting keeps its random stream."""
+    if cells == 0:
+        return (0, 0)
+    row, col = torch.randint(-cells, cells + 1, (2,), generator=generator).tolist()
+    return (row, col)
 
 
 def random_crop_geometry(
@@ -175,6 +217,7 @@ class _View:
     image: torch.Tensor  # [1, s, s]
     keypoints: torch.Tensor | None
     keypoint_mask: torch.Tensor | None
+    offset: torch.Tensor  # [2] int64 map cells (shifted local views; zero otherwise)
 
 
 @dataclass
@@ -193,18 +236,21 @@ def render_view(
     config: GclConfig,
     generator: torch.Generator,
     with_keypoints: bool,
+    offset: tuple[int, int] = (0, 0),
 ) -> _View:
+    """`offset`: the map cells `geometry` translates the frame by (recorded for the local regions)."""
     source = volume.slice_tensor(index)
     low, high = torch.quantile(source, torch.tensor([0.01, 0.99])).tolist()
     # Padding outside the slice takes its 1st percentile, the paper's zero after min-max normalisation.
     image = warp(source - low, geometry) + low
     if augment:
         image = adjust_intensity(image, low, high - low, config, generator)
+    offset = torch.tensor(offset, dtype=torch.long)
     if not with_keypoints:
-        return _View(image, None, None)
+        return _View(image, None, None, offset)
     coords = volume.keypoints(index).coords
     keypoints, mask, _ = view_keypoints(coords, volume.slice_shape, geometry, volume.max_keypoints)
-    return _View(image, keypoints, mask)
+    return _View(image, keypoints, mask, offset)
 
 
 # --- masks and losses ---------------------------------------------------------------------------------------
@@ -255,12 +301,14 @@ def global_loss(
     return info_nce(logits, positives[rows], candidates[rows], pairwise=True)
 
 
-def region_corners(map_side: int) -> list[tuple[int, int]]:
+def region_corners(map_side: int, margin: int = 0) -> list[tuple[int, int]]:
     """The 13 top-left corners (row, col) of the 3 x 3 regions on a map_side^2 map [code]: with
-    W' = map_side - 4, the grid {0, W'/2, W'}^2 (corners, edge midpoints, centre), then {W'/4, 3W'/4}^2."""
-    last = map_side - REGION_MARGIN
-    grid = [0, last // 2, last]
-    quarters = [last // 4, 3 * last // 4]
+    W' = map_side - 4, the grid {0, W'/2, W'}^2 (corners, edge midpoints, centre), then {W'/4, 3W'/4}^2.
+    With `margin` m the grid is that of the inner (map_side - 2m)^2 map, moved by m: windows that stay in
+    view under any translation of up to m cells."""
+    last = map_side - 2 * margin - REGION_MARGIN
+    grid = [margin, margin + last // 2, margin + last]
+    quarters = [margin + last // 4, margin + 3 * last // 4]
     return [(r, c) for r in grid for c in grid] + [(r, c) for r in quarters for c in quarters]
 
 
@@ -337,11 +385,16 @@ class RegionHead(nn.Module):
         )
         self.embed = nn.Linear(channels * REGION_SIZE**2, region_dim, bias=False)
 
-    def forward(self, features: torch.Tensor, corners: Sequence[tuple[int, int]]) -> torch.Tensor:
-        """features [B, C, h, w] -> region embeddings [B, R, region_dim]."""
-        mapped = self.convs(features)
-        windows = [mapped[:, :, r : r + REGION_SIZE, c : c + REGION_SIZE].flatten(1) for r, c in corners]
-        return self.embed(torch.stack(windows, 1))
+    def forward(self, features: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+        """features [B, C, h, w], each image's window corners [B, R, 2] (row, col) -> region embeddings
+        [B, R, region_dim]; a window is flattened channel-major (C, 3, 3)."""
+        mapped = self.convs(features).permute(0, 2, 3, 1)  # [B, h, w, C]
+        steps = torch.arange(REGION_SIZE, device=corners.device)
+        rows = corners[..., 0, None, None] + steps[:, None]  # [B, R, 3, 1]
+        cols = corners[..., 1, None, None] + steps[None, :]  # [B, R, 1, 3]
+        images = torch.arange(len(corners), device=corners.device)[:, None, None, None]
+        windows = mapped[images, rows, cols]  # [B, R, 3, 3, C]
+        return self.embed(windows.permute(0, 1, 4, 2, 3).flatten(2))
 
 
 # --- the method ---------------------------------------------------------------------------------------------
@@ -393,6 +446,7 @@ class GclPretraining(PretrainMethod):
             volumes=torch.tensor([slot.volume for slot in slots]),
             slices=torch.tensor([slot.index for slot in slots]),
             partitions=torch.tensor([slot.partition for slot in slots]),
+            offsets=stacked("offset"),
         )
         if with_keypoints:
             keypoints, mask = stacked("keypoints"), stacked("keypoint_mask")
@@ -445,8 +499,10 @@ class GclPretraining(PretrainMethod):
         config = self.config
         views = batch.images.shape[1]
         features = self._encode(model, batch, decode_until=LOCAL_BLOCKS).decoder[-1]
-        corners = region_corners(features.shape[-1])
-        embeddings = heads["g2"](features, corners)  # [N * V, R, D]
+        # Regions sit at fixed cells q of the slice's frame; a view translated by o cells shows q at q - o.
+        corners = region_corners(features.shape[-1], config.local_shift_cells)
+        in_views = torch.tensor(corners, device=features.device) - batch.offsets.flatten(0, 1)[:, None]
+        embeddings = heads["g2"](features, in_views)  # [N * V, R, D]
         per_item = self._local_slices_per_item()
         embeddings = embeddings.reshape(-1, per_item * views * len(corners), embeddings.shape[-1])
         negatives = config.local_negatives if config.local_strategy == "lr" else config.local_negatives_ld
@@ -501,14 +557,16 @@ class GclPretraining(PretrainMethod):
         generator: torch.Generator,
         with_keypoints: bool,
     ) -> _View:
-        """cropped: True = global augmented view, False = the original, None = a local intensity view."""
+        """cropped: True = global augmented view, False = the original, None = a local view (intensity
+        augmentation, translated by up to local_shift)."""
         config = self.config
+        offset = random_offset(config.local_shift_cells, generator) if cropped is None else (0, 0)
         if cropped:
             geometry = random_crop_geometry(volume, config, generator)
         else:
-            geometry = frame_geometry(volume, config.view_size)
+            geometry = frame_geometry(volume, config.view_size, offset)
         augment = cropped is not False
-        return render_view(volume, index, geometry, augment, config, generator, with_keypoints)
+        return render_view(volume, index, geometry, augment, config, generator, with_keypoints, offset)
 
     @staticmethod
     def _encode(model: KafUNet, batch: GclBatch, decode_until: int) -> KafOutput:
@@ -521,3 +579,10 @@ class GclPretraining(PretrainMethod):
             batch.keypoint_mask.flatten(0, 1),
             decode_until=decode_until,
         )
+
+
+class GclShiftedPretraining(GclPretraining):
+    """GCL whose local views are translated, so that the local term must match regions by content."""
+
+    name = "gcl-shifted"
+    config_class = GclShiftedConfig
