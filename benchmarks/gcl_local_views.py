@@ -18,25 +18,16 @@ Chance is log(1 + 2 x 5) = 2.398: one positive and five neighbouring regions in 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
-import sys
-import time
-from collections import deque
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from few_label import DATA, DATASETS, LONG, backbone_config, budget_cases, pool_pretrain_data
-from speed import machine
+from content_control import add_run_arguments, pool_for, report, stage_terms  # benchmarks/ is on the path
+from few_label import LONG, backbone_config
 
-from kaf.jobs.pretrain import PretrainNetwork, set_stage_trainable
 from kaf.models import KafUNet
 from kaf.models.checkpoints import load_checkpoint, load_weights
 from kaf.ssl import make_method
-from kaf.ssl.base import Communicator, item_generators
-from kaf.ssl.data import PretrainData
 
 STAGE = "local"
 
@@ -51,78 +42,24 @@ def fresh_model(encoder: Path | None, seed: int) -> KafUNet:
     return model
 
 
-def local_losses(
-    data: PretrainData, model: KafUNet, view_size: int, shift: float, blank: bool, steps: int, seed: int
-) -> Iterator[tuple[int, float]]:
-    """Train GCL's local stage with Adam at the method's rate; yield (step, loss) after every step."""
-    method = make_method("gcl", view_size=view_size, local_shift=shift)
-    network = PretrainNetwork(model, method.build_heads(model), method, Communicator())
-    trainable = set_stage_trainable(network, method.trainable_groups(STAGE))
-    network.heads.train()
-    optimiser = torch.optim.Adam([p for _, p in trainable], lr=method.optimiser().learning_rate)
-    for step in range(1, steps + 1):
-        generators = item_generators(seed, step, 0, method.batch_size(STAGE))
-        batch = method.make_batch(data, generators, STAGE, model.uses_keypoints)
-        if blank:
-            batch.images.zero_()
-        loss, _ = network(batch, STAGE)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        yield step, loss.item()
-
-
-def report(run: str, losses: Iterator[tuple[int, float]], args, every: int, rows) -> None:
-    """Print (and write to `rows`) every `every`-th loss, then the mean over the last tenth of steps."""
-    started, tail = time.perf_counter(), deque(maxlen=max(1, args.steps // 10))
-    for step, loss in losses:
-        tail.append(loss)
-        if step % every and step not in (1, args.steps):
-            continue
-        seconds = time.perf_counter() - started
-        print(f"{run}: step {step} local {loss:.4f} {seconds:.0f} s", flush=True)
-        row = {"run": run, "stage": STAGE, "step": step, "loss": loss, "terms": {"local": loss}}
-        rows.write(json.dumps({**row, "seconds": round(seconds, 1)}) + "\n")
-        rows.flush()
-    print(f"{run}: mean of the last tenth of steps {sum(tail) / len(tail):.4f}", flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dataset", choices=list(DATASETS), default="acdc")
+    add_run_arguments(parser, default_steps=LONG.pretrain_steps)
     parser.add_argument("--shifts", type=float, nargs="+", default=[0.0, 0.125])
-    parser.add_argument("--steps", type=int, default=LONG.pretrain_steps)
     parser.add_argument("--encoder", type=Path, help="a checkpoint whose encoder to start from")
-    parser.add_argument("--every", type=int, help="print every N steps (default: steps / 20)")
-    parser.add_argument("--jsonl", type=Path, help="also write every printed row here as JSON lines")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if not DATA.is_dir():
-        raise SystemExit(f"the data folder {DATA} is absent: this diagnostic needs ../shared/data")
-    if args.steps < 1:
-        raise SystemExit(f"--steps must be at least 1, got {args.steps}")
-    torch.set_num_threads(args.threads)
-    dataset = DATASETS[args.dataset]
-    cases = budget_cases(dataset, LONG, seed=0)
-    data = pool_pretrain_data(cases, dataset.view_size)
-    every = args.every or max(1, args.steps // 20)
-    print(f"Command: `{shlex.join(['python', *sys.argv])}`; {machine()}, {args.threads} threads")
-    print(
-        f"{dataset.key} pool of {len(cases.pool)} patients, view {dataset.view_size} px, encoder "
-        f"{args.encoder or 'random (seeded)'}",
-        flush=True,
-    )
+    dataset, data, every = pool_for(args)
+    print(f"encoder {args.encoder or 'random (seeded)'}", flush=True)
     with open(args.jsonl or os.devnull, "w") as rows:
         for shift in args.shifts:
             for blank in (False, True):
                 model = fresh_model(args.encoder, args.seed)
-                losses = local_losses(data, model, dataset.view_size, shift, blank, args.steps, args.seed)
-                report(
-                    f"shift {shift}, {'blank images' if blank else 'real slices'}", losses, args, every, rows
-                )
+                method = make_method("gcl", view_size=dataset.view_size, local_shift=shift)
+                terms = stage_terms(data, model, method, STAGE, blank, args.steps, args.seed)
+                run = f"shift {shift}, {'blank images' if blank else 'real slices'}"
+                report(run, STAGE, terms, args.steps, every, rows)
 
 
 if __name__ == "__main__":

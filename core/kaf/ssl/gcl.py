@@ -93,8 +93,8 @@ class GclConfig:
             raise KafError("GCL needs at least one partition and one volume per set")
         if not 0 <= self.local_shift <= 0.25:
             raise KafError(f"GCL local_shift must be between 0 and 0.25 of the view, got {self.local_shift}")
-        inner = self.view_size // LOCAL_STRIDE - 2 * self.local_shift_cells - REGION_MARGIN
-        if inner < 4:
+        corners = region_corners(self.view_size // LOCAL_STRIDE, self.local_shift_cells)
+        if len(set(corners)) < len(corners):
             raise KafError(
                 f"GCL local_shift {self.local_shift} leaves no room for 13 distinct regions on a "
                 f"{self.view_size} px view: use a smaller shift or a larger view"
