@@ -1,9 +1,11 @@
 """Makes and scores the shipped default checkpoint (not a test). Writes core/kaf/weights/ and its card.
 
-1. Pretraining (run beforehand, the exact command is recorded in the card): `kaf pretrain --method kaf`
-   on MSD Task04 hippocampus images (CC BY-SA 4.0), all but the 10 held-out cases, without labels.
-2. Export: the transferred groups of that checkpoint, in float16 (kaf.models.default_weights).
-3. Score: the annotator's protocol on the 10 held-out cases: k annotated slices, fine-tune the
+1. Pretraining (run beforehand, the exact command is recorded in the card): `kaf pretrain` on the openly
+   licensed pool of benchmarks/pretraining_pool.py (MSD Task04 hippocampus crops, CC BY-SA 4.0, less
+   the held-out cases, and slabs of the MNI152 template), without labels.
+2. Export: the shipped groups of that checkpoint (encoder and bottleneck), in float16
+   (kaf.models.default_weights).
+3. Score: the annotator's protocol on the 10 held-out hippocampus cases: k annotated slices, fine-tune the
    interactive preset with the default settings from random init and from the exported weights, mean
    foreground Dice on the other slices, beside copying the nearest annotated slice.
 
@@ -37,6 +39,22 @@ HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd_hip
 WEIGHTS = Path(__file__).resolve().parents[1] / "core" / "kaf" / "weights"
 HELD_OUT = 10  # the last cases in sorted order; never seen in pretraining
 SHIPPED_GROUPS = ("encoder", "bottleneck")  # 8.5 MB in float16 at levels 3-4, under the 10 MB limit
+# What each pretraining method trains, for the card; the shipped groups are the encoder and bottleneck.
+METHOD_DESCRIPTIONS = {
+    "kaf": "KAF (METHODS.md A.4-A.5: L_PCL + L_global + 0.01 L_local)",
+    "gcl": (
+        "GCL (METHODS.md B: the global stage G^D, one group of 24 slices in two views per step, trains "
+        "the encoder and bottleneck; the local stage L^R then trains the first decoder blocks, which do "
+        "not ship)"
+    ),
+}
+LICENCES = {
+    "hippocampus": "MSD Task04 Hippocampus, CC BY-SA 4.0 (Antonelli et al., Nat Commun 13, 4128, 2022)",
+    "mni152": (
+        "the MNI ICBM152 2009 T1 template as shipped in nilearn's wheel (Fonov et al., NeuroImage 54, 2011; "
+        "McGill University's notice permits use, copying and distribution with the copyright notice kept)"
+    ),
+}
 
 
 def held_out_cases() -> list[str]:
@@ -62,22 +80,47 @@ def optimiser_description(pretrained: Path) -> str:
     rate = settings["learning_rate"] or optimiser["learning_rate"]
     paper = f"the paper's is {optimiser['learning_rate']:g}"
     source = "the paper's" if settings["learning_rate"] is None else f"set by --lr; {paper}"
+    momentum = f", momentum {optimiser['momentum']:g}" if optimiser["kind"] == "sgd" else ""
+    batch = f"batch {settings['batch_size']}" if settings["batch_size"] else "the method's batch"
     return (
-        f"{optimiser['kind'].upper()} learning rate {rate:g} ({source}), momentum {optimiser['momentum']:g}, "
-        f"{optimiser['schedule']} schedule, batch {settings['batch_size']}, views {settings['view_size']} px"
+        f"{optimiser['kind'].upper()} learning rate {rate:g} ({source}){momentum}, "
+        f"{optimiser['schedule']} schedule, {batch}, views {settings['view_size']} px"
     )
+
+
+def pretraining_volumes(pretrained: Path) -> dict[str, int]:
+    """How many volumes of each source the pretraining read, by name: 'hippocampus' and 'mni152'."""
+    names = load_checkpoint(pretrained)[1].extra["pretrain"]["volumes"]
+    counts = {source: sum(name.startswith(f"{source}_") for name in names) for source in LICENCES}
+    if sum(counts.values()) != len(names):
+        raise SystemExit(f"{pretrained} was pretrained on volumes from no known source: the card needs one")
+    return counts
+
+
+def data_description(counts: dict[str, int]) -> str:
+    parts = [
+        f"{counts['hippocampus']} MSD Task04 hippocampus T1 MRI crops (neither the {HELD_OUT} held-out cases "
+        "nor the test cases of benchmarks/kaf_backbone.py)"
+    ]
+    if counts["mni152"]:
+        parts.append(f"{counts['mni152']} slabs of the MNI152 T1 template (benchmarks/pretraining_pool.py)")
+    return " and ".join(parts)
 
 
 def model_description(config: ModelConfig) -> str:
     levels = ", ".join(str(level) for level in config.kaf_levels)
+    gated = ", each gated from 0" if config.fusion_starts_at_zero else ""
     return (
         f"f = {config.base_width}, d = {config.token_dim}, {config.attention_blocks} attention blocks per "
-        f"level, KAF layers on encoder levels {levels}, up to {config.max_keypoints} SIFT keypoints per slice"
+        f"level, KAF layers on encoder levels {levels}{gated}, up to {config.max_keypoints} SIFT keypoints "
+        "per slice"
     )
 
 
 def card(rows: list[dict], args, exported: Path) -> str:
     size = exported.stat().st_size / 2**20
+    method = load_checkpoint(args.pretrained)[1].method
+    counts = pretraining_volumes(args.pretrained)
     lines = [
         "# Model card: the shipped default checkpoint",
         "",
@@ -87,11 +130,10 @@ def card(rows: list[dict], args, exported: Path) -> str:
         f"- Model: the `interactive` preset's KAF UNet ({model_description(preset_config('interactive'))}).",
         "- Contents: the encoder with its KAF layers and the bottleneck, in float16 (fine-tuning loads them",
         "  into float32); the decoder and the head start from random initialisation.",
-        "- Pretraining: KAF (METHODS.md A.4-A.5: L_PCL + L_global + 0.01 L_local), "
-        f"{optimiser_description(args.pretrained)}, on the 190 MSD Task04 hippocampus T1 MRI crops that "
-        "are not held out, without labels.",
-        "- Data licence: MSD Task04 Hippocampus, CC BY-SA 4.0 (Antonelli et al., Nat Commun 13, 4128, 2022).",
-        "  These weights are a derivative of it and are shared under the same licence. No ACDC data",
+        f"- Pretraining: {METHOD_DESCRIPTIONS[method]}, {optimiser_description(args.pretrained)}, on "
+        f"{data_description(counts)}, without labels.",
+        f"- Data licences: {'; '.join(LICENCES[source] for source, n in counts.items() if n)}. These weights",
+        "  are a derivative of the hippocampus images and are shared under CC BY-SA 4.0. No ACDC data",
         "  (non-commercial licence) was used.",
         f"- Command: `{args.command}`",
         f"- Steps done: {args.steps_done}; machine: {machine()}.",
@@ -158,6 +200,13 @@ def main() -> None:
         return
     if args.command is None or args.steps_done is None:
         parser.error("--pretrained needs --command and --steps-done, for the card")
+    method = load_checkpoint(args.pretrained)[1].method
+    if method not in METHOD_DESCRIPTIONS:
+        parser.error(
+            f"{args.pretrained} was pretrained with '{method}'; the card describes only "
+            f"{', '.join(METHOD_DESCRIPTIONS)}"
+        )
+    pretraining_volumes(args.pretrained)
     WEIGHTS.mkdir(exist_ok=True)
     exported = export_for_transfer(
         args.pretrained, WEIGHTS / WEIGHTS_FILE, SHIPPED_GROUPS, {"licence": "CC BY-SA 4.0"}

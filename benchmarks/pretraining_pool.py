@@ -1,12 +1,13 @@
 """Builds the folder of unlabeled volumes the shipped default weights are pretrained on (not a test).
 
 Only openly licensed images, no labels, no ACDC (non-commercial licence):
-- MSD Task04 hippocampus T1 crops (CC BY-SA 4.0), all but the cases benchmarks/default_weights.py holds
-  out, linked, not copied;
+- MSD Task04 hippocampus T1 crops (CC BY-SA 4.0), linked, not copied: all but the cases
+  benchmarks/default_weights.py holds out and the test cases of benchmarks/kaf_backbone.py, so that
+  weights pretrained on the pool are scored on images they never saw;
 - nilearn's MNI152 2009 T1 template at 1 mm (it ships in nilearn's wheel), cropped to the head and cut
   into slabs along each of its three axes.
 
-Why slabs: pretraining draws a volume uniformly, then a slice of it. One whole-brain volume among 190
+Why slabs: pretraining draws a volume uniformly, then a slice of it. One whole-brain volume among 184
 hippocampus crops would fill about 0.5 % of the batches; cut into slabs of at most `--slab` slices along
 the three axes it fills about 10 % at the default (24 slices: 22 slabs), and the model sees axial,
 coronal and sagittal brain slices, not only small temporal-lobe crops.
@@ -22,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from default_weights import HIPPOCAMPUS, held_out_cases  # benchmarks/ is on the path when this file runs
+from kaf_backbone import CASES
 
 
 def head_box(image: np.ndarray) -> tuple[slice, ...]:
@@ -58,7 +60,7 @@ def main() -> None:
     if not images.is_dir():
         raise SystemExit(f"{images} is missing: the pool needs ../shared/data/msd_hippocampus")
     args.out.mkdir(parents=True, exist_ok=True)
-    held_out = set(held_out_cases())
+    held_out = set(held_out_cases()) | {f"{case}.nii.gz" for case in CASES["hippocampus"]}
     cases = [p for p in sorted(images.glob("*.nii.gz")) if p.name not in held_out]
     for case in cases:
         (args.out / case.name).symlink_to(case)

@@ -20,7 +20,7 @@ class ShippedCheckpoint:
 
 SHIPPED_CHECKPOINTS: dict[str, ShippedCheckpoint] = {
     DEFAULT_KEYWORD: ShippedCheckpoint(
-        key=DEFAULT_KEYWORD, label="Default: KAF-pretrained (MSD hippocampus MRI, shipped)", shipped=True
+        key=DEFAULT_KEYWORD, label="Default: GCL-pretrained (brain MRI, shipped)", shipped=True
     ),
     RANDOM_KEYWORD: ShippedCheckpoint(key=RANDOM_KEYWORD, label="Random initialisation", shipped=False),
 }

@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--checkpoint",
         default="default",
-        help="start from this checkpoint (default: the shipped KAF-pretrained weights; 'random': none)",
+        help="start from this checkpoint (default: the shipped pretrained weights; 'random': none)",
     )
     demo.add_argument(
         "--no-viewer", action="store_true", help="do not open napari even when a display is available"

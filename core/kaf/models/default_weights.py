@@ -24,7 +24,7 @@ from kaf.runtime.errors import CheckpointError
 
 DEFAULT_KEYWORD = "default"
 RANDOM_KEYWORD = "random"  # where a starting checkpoint is asked for: none, random initialisation
-WEIGHTS_FILE = "kaf-interactive-msd-hippocampus.safetensors"
+WEIGHTS_FILE = "gcl-interactive-hippocampus-mni152.safetensors"
 
 
 def shipped_checkpoint() -> Path:
